@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+from simplepush import __version__
+
+setup(
+    name="simplepush",
+    version=__version__,
+    description="A SimplePush server: devices hold a WebSocket, app servers PUT versions.",
+    packages=find_packages(exclude=["tests", "tests.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "tornado>=6.4,<7",
+        "cryptography>=42",
+        "pymemcache>=4,<5",
+        "statsd>=4,<5",
+        "python-json-logger>=3.1,<5",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "pytest-tornado>=0.8.1",
+            "hypothesis>=6",
+            "ruff>=0.6",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "simplepush = simplepush.cli:main",
+            "simplepush-bench = simplepush.bench.cli:main",
+        ],
+    },
+)

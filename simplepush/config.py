@@ -1,0 +1,223 @@
+"""config.ini to typed, validated settings.
+
+Every key of DESIGN.md section 3 has a default here; a file only overrides.
+Anything wrong raises ConfigError with one line naming the file, the key
+and the problem, which the CLI prints before exiting with status 2.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from simplepush.tokens import is_valid_key
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    endpoint_url: str = "http://localhost:8080"
+    processes: int = 1
+    max_connections: int = 100000
+    hello_timeout: float = 30.0
+    max_channels: int = 200
+    token_key: tuple[str, ...] = ()
+    router_host: str = "127.0.0.1"
+    router_port: int = 8090
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSettings:
+    backend: str = "memory"
+    servers: tuple[str, ...] = ("127.0.0.1:11211",)
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingSettings:
+    format: str = "json"
+    output: str = "stdout"
+    level: str = "info"
+    name: str = "simplepush"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    statsd_host: str = ""
+    statsd_port: int = 8125
+    prefix: str = "simplepush"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    path: str = "config.ini"
+    server: ServerSettings = field(default_factory=ServerSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+
+
+def _integer(low: int, high: int) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"must be an integer from {low} to {high}, got {text!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be an integer from {low} to {high}, got {value}")
+        return value
+
+    return convert
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"must be a number of seconds, got {text!r}") from None
+    if not 0 <= value <= 86400:
+        raise ValueError(f"must be from 0 to 86400 seconds, got {text}")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def convert(text: str) -> str:
+        if text.lower() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {text!r}")
+        return text.lower()
+
+    return convert
+
+
+def _nonempty(text: str) -> str:
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+def _url(text: str) -> str:
+    if not text.startswith(("http://", "https://")) or len(text) <= len("https://"):
+        raise ValueError(f"must be an http:// or https:// URL, got {text!r}")
+    return text.rstrip("/")
+
+
+def _token_keys(text: str) -> tuple[str, ...]:
+    keys = tuple(key.strip() for key in text.split(",") if key.strip())
+    for index, key in enumerate(keys, 1):
+        if not is_valid_key(key):
+            raise ValueError(
+                f"key {index} is not a Fernet key (32 url-safe base64 bytes);"
+                " make one with `simplepush genkey`"
+            )
+    return keys
+
+
+def _host_ports(text: str) -> tuple[str, ...]:
+    servers = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not servers:
+        raise ValueError("must list at least one host:port")
+    for server in servers:
+        host, sep, port = server.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{server!r} is not host:port")
+    return servers
+
+
+def _log_output(text: str) -> str:
+    if not text:
+        raise ValueError("must be stdout, stderr, a file path, udp://host:port or tcp://host:port")
+    if text.startswith(("udp://", "tcp://")):
+        raise ValueError(f"{text[:6]} log collectors are not supported yet; use a file")
+    return text
+
+
+_PORT = _integer(1, 65535)
+
+_SCHEMA: dict[str, dict[str, Callable[[str], object]]] = {
+    "server": {
+        "host": _nonempty,
+        "port": _PORT,
+        "endpoint_url": _url,
+        "processes": _integer(0, 256),
+        "max_connections": _integer(1, 10_000_000),
+        "hello_timeout": _seconds,
+        "max_channels": _integer(1, 100_000),
+        "token_key": _token_keys,
+        "router_host": _nonempty,
+        "router_port": _PORT,
+    },
+    "storage": {
+        "backend": _choice("memory", "memcached"),
+        "servers": _host_ports,
+    },
+    "logging": {
+        "format": _choice("json", "text"),
+        "output": _log_output,
+        "level": _choice("debug", "info", "warning", "error", "critical"),
+        "name": _nonempty,
+    },
+    "metrics": {
+        "statsd_host": str,
+        "statsd_port": _PORT,
+        "prefix": str,
+    },
+}
+
+_SECTION_TYPES = {
+    "server": ServerSettings,
+    "storage": StorageSettings,
+    "logging": LoggingSettings,
+    "metrics": MetricsSettings,
+}
+
+
+def load(path: str) -> Settings:
+    parser = configparser.ConfigParser(
+        inline_comment_prefixes=(";", "#"), interpolation=None, default_section="\0"
+    )
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except (configparser.Error, UnicodeDecodeError, OSError) as exc:
+        first_line = str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: cannot be read: {first_line}") from None
+    sections: dict[str, object] = {}
+    for section in parser.sections():
+        if section not in _SCHEMA:
+            raise ConfigError(f"{path}: [{section}]: unknown section (known: {', '.join(_SCHEMA)})")
+    for section, keys in _SCHEMA.items():
+        values: dict[str, object] = {}
+        if parser.has_section(section):
+            for key, text in parser.items(section):
+                if key not in keys:
+                    raise ConfigError(f"{path}: [{section}] {key}: unknown key")
+                try:
+                    values[key] = keys[key](text.strip())
+                except ValueError as exc:
+                    raise ConfigError(f"{path}: [{section}] {key}: {exc}") from None
+        sections[section] = _SECTION_TYPES[section](**values)
+    settings = Settings(path=path, **sections)  # type: ignore[arg-type]
+    _check_together(settings)
+    return settings
+
+
+def _check_together(settings: Settings) -> None:
+    path = settings.path
+    if settings.storage.backend == "memcached":
+        raise ConfigError(
+            f"{path}: [storage] backend: memcached is not available in this version; use memory"
+        )
+    if settings.server.processes != 1:
+        raise ConfigError(
+            f"{path}: [server] processes: the memory backend serves one process;"
+            " set processes = 1 (several processes need backend = memcached)"
+        )

@@ -1,0 +1,270 @@
+"""The SimplePush WebSocket protocol without I/O.
+
+`parse` turns one text frame into a typed message or a rejection; the
+builders turn outcomes into reply frames. Nothing here touches sockets,
+storage or the clock, so every rule of PROTOCOL.md sections 2-3 can be
+tested as a plain function (the style of h11).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from simplepush.updates import Update
+
+PING_REPLY = "{}"
+
+# UAIDs and channelIDs are UUIDs spelled as 32 hex digits or dashed 8-4-4-4-12,
+# in either case (PROTOCOL.md 3.2.4 rows G/H and 3.3).
+_UUID = re.compile(
+    r"[0-9a-fA-F]{32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+_MAX_VERSION = 2**63 - 1
+
+ERROR_TEXTS = {
+    401: "Invalid Command",
+    413: "Too Many Channels",
+    500: "An unexpected error occurred",
+    503: "Service Unavailable",
+}
+
+_NEEDS_HELLO = frozenset(("register", "unregister", "ack"))
+
+
+def uuid_key(value: str) -> str | None:
+    """The canonical storage key (32 lowercase hex) of a UUID-shaped id, else None."""
+    if _UUID.fullmatch(value) is None:
+        return None
+    return value.replace("-", "").lower()
+
+
+@dataclass(slots=True, frozen=True)
+class Ping:
+    pass
+
+
+@dataclass(slots=True, frozen=True)
+class Ignored:
+    """A message that is accepted and needs no reply (purge, nack)."""
+
+    message_type: str
+
+
+@dataclass(slots=True, frozen=True)
+class Wakeup:
+    """UDP wake-up details from hello, kept with the UAID for a future waker."""
+
+    ip: str
+    port: int | None
+    mcc: str | None
+    mnc: str | None
+    netid: str | None
+
+
+@dataclass(slots=True, frozen=True)
+class Hello:
+    raw: dict[str, Any]
+    uaid: str  # as the device spells it; "" for none
+    key: str  # canonical form of uaid; "" for none
+    channel_count: int
+    wakeup: Wakeup | None
+
+
+@dataclass(slots=True, frozen=True)
+class Register:
+    raw: dict[str, Any]
+    channel_id: str
+    key: str
+
+
+@dataclass(slots=True, frozen=True)
+class Unregister:
+    raw: dict[str, Any]
+    channel_id: str
+    key: str | None  # None when the id is not UUID-shaped: nothing to remove
+
+
+@dataclass(slots=True, frozen=True)
+class Ack:
+    acks: tuple[tuple[str, int], ...]  # (channel key, version)
+
+
+@dataclass(slots=True, frozen=True)
+class Reject:
+    """An error reply to send, and whether the socket is closed after it."""
+
+    reply: str
+    close: bool
+
+
+@dataclass(slots=True, frozen=True)
+class Drop:
+    """Close without a reply: the peer is not speaking SimplePush."""
+
+    reason: str
+
+
+Message = Ping | Ignored | Hello | Register | Unregister | Ack
+Outcome = Message | Reject | Drop
+
+PING = Ping()
+
+
+def parse(text: str, identified: bool) -> Outcome:
+    """Parse one text frame from a device that has (or has not) said hello."""
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return Drop("invalid JSON")
+    if type(obj) is not dict:
+        return Drop("frame is not a JSON object")
+    if not obj:
+        return PING
+    mtype = obj.get("messageType")
+    if type(mtype) is not str:
+        return Reject(error_reply(obj, 401), close=True)
+    mtype = mtype.lower()
+    if mtype == "ack" and identified:
+        return _parse_ack(obj)
+    if mtype == "ping":
+        return PING
+    if mtype in ("purge", "nack"):
+        return Ignored(mtype)
+    if mtype == "hello":
+        return _parse_hello(obj)
+    if mtype in _NEEDS_HELLO:
+        if not identified:
+            return Reject(error_reply(obj, 401), close=True)
+        return _parse_channel_command(obj, mtype)
+    return Reject(error_reply(obj, 401), close=True)
+
+
+def _parse_hello(obj: dict[str, Any]) -> Outcome:
+    channel_ids = obj.get("channelIDs")
+    if type(channel_ids) is not list or any(type(c) is not str for c in channel_ids):
+        return Reject(error_reply(obj, 401), close=True)
+    uaid = obj.get("uaid")
+    if uaid is None:
+        uaid = ""
+    elif type(uaid) is not str:
+        return Reject(error_reply(obj, 401), close=True)
+    key = ""
+    if uaid:
+        key = uuid_key(uaid)
+        if key is None:
+            return Reject(error_reply(obj, 503), close=True)
+    return Hello(obj, uaid, key, len(channel_ids), _parse_wakeup(obj))
+
+
+def _parse_wakeup(obj: dict[str, Any]) -> Wakeup | None:
+    """Validated wake-up fields, or None when absent or unusable (PROTOCOL.md 3.2.6: ignore)."""
+    hostport = obj.get("wakeup_hostport")
+    if type(hostport) is not dict:
+        return None
+    ip = hostport.get("ip")
+    if type(ip) is not str or not _is_ip_literal(ip):
+        return None
+    port = hostport.get("port")
+    if port is not None and (type(port) is not int or not 1 <= port < 65535):
+        return None
+    mcc = mnc = netid = None
+    network = obj.get("mobilenetwork")
+    if type(network) is dict:
+        mcc, mnc, netid = network.get("mcc"), network.get("mnc"), network.get("netid")
+        if not (_is_numeric(mcc) and _is_numeric(mnc)):
+            return None
+        if netid is not None and type(netid) is not str:
+            return None
+    return Wakeup(ip, port, mcc, mnc, netid)
+
+
+def _is_ip_literal(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_numeric(value: object) -> bool:
+    return type(value) is str and value.isascii() and value.isdigit()
+
+
+def _parse_channel_command(obj: dict[str, Any], mtype: str) -> Outcome:
+    channel_id = obj.get("channelID")
+    if type(channel_id) is not str or not channel_id:
+        return Reject(error_reply(obj, 401), close=False)
+    key = uuid_key(channel_id)
+    if mtype == "unregister":
+        return Unregister(obj, channel_id, key)
+    if key is None:
+        return Reject(error_reply(obj, 401), close=False)
+    return Register(obj, channel_id, key)
+
+
+def _parse_ack(obj: dict[str, Any]) -> Ack:
+    """Keep the well-formed entries; an empty or odd list is tolerated (PROTOCOL.md 8 #19)."""
+    updates = obj.get("updates")
+    acks: list[tuple[str, int]] = []
+    if type(updates) is list:
+        for item in updates:
+            if type(item) is not dict:
+                continue
+            channel_id, version = item.get("channelID"), item.get("version")
+            if type(channel_id) is not str or type(version) is not int:
+                continue
+            key = uuid_key(channel_id)
+            if key is not None and 0 <= version <= _MAX_VERSION:
+                acks.append((key, version))
+    return Ack(tuple(acks))
+
+
+def _dump(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def error_reply(request: dict[str, Any], status: int) -> str:
+    """Echo the device's object with `status` and `error` (DESIGN.md 2.3)."""
+    reply = dict(request)
+    mtype = reply.get("messageType")
+    if type(mtype) is str:
+        reply["messageType"] = mtype.lower()
+    reply["status"] = status
+    reply["error"] = ERROR_TEXTS[status]
+    return _dump(reply)
+
+
+def hello_reply(uaid: str) -> str:
+    return _dump({"messageType": "hello", "uaid": uaid, "status": 200})
+
+
+def register_reply(channel_id: str, uaid: str, endpoint: str) -> str:
+    return _dump(
+        {
+            "messageType": "register",
+            "channelID": channel_id,
+            "status": 200,
+            "uaid": uaid,
+            "pushEndpoint": endpoint,
+        }
+    )
+
+
+def unregister_reply(channel_id: str) -> str:
+    return _dump({"messageType": "unregister", "channelID": channel_id, "status": 200})
+
+
+def notification(updates: Iterable[Update]) -> str:
+    """One frame for any number of updates; `data` only where the app server sent some."""
+    entries = []
+    for update in updates:
+        entry: dict[str, Any] = {"channelID": update.channel_id, "version": update.version}
+        if update.data is not None:
+            entry["data"] = update.data
+        entries.append(entry)
+    return _dump({"messageType": "notification", "updates": entries})

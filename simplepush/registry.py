@@ -1,0 +1,56 @@
+"""The node's live sockets, resident on the IOLoop thread.
+
+Only the IOLoop touches it, so it needs no locks. It holds every open
+socket (for /status, max_connections and shutdown) and maps each
+identified UAID to the one session that may receive its notifications.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from simplepush.updates import Update
+
+
+class Live(Protocol):
+    connected_at: float
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the device's socket."""
+
+    def deliver(self, update: Update) -> bool:
+        """Write one live notification; False when the socket is gone."""
+
+
+SUPERSEDED = (4000, "superseded by a newer connection")
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.connections: set[Live] = set()
+        self._by_uaid: dict[str, Live] = {}
+
+    def __len__(self) -> int:
+        return len(self.connections)
+
+    def get(self, uaid: str) -> Live | None:
+        return self._by_uaid.get(uaid)
+
+    def claim(self, uaid: str, session: Live) -> bool:
+        """Bind uaid to session unless a newer connection holds it; the older one is closed."""
+        current = self._by_uaid.get(uaid)
+        if current is not None and current is not session:
+            if current.connected_at > session.connected_at:
+                return False
+            del self._by_uaid[uaid]
+            current.close(*SUPERSEDED)
+        self._by_uaid[uaid] = session
+        return True
+
+    def release(self, uaid: str, session: Live) -> None:
+        if self._by_uaid.get(uaid) is session:
+            del self._by_uaid[uaid]
+
+    def close_all(self, code: int, reason: str) -> None:
+        for connection in list(self.connections):
+            connection.close(code, reason)

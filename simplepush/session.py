@@ -1,0 +1,171 @@
+"""One device's conversation: the state machine between frames and the store.
+
+A session starts unidentified, becomes identified by hello, and from then
+on owns its UAID in the node's registry. It sees the Store interface and
+the registry only; the socket is a Transport it writes to and closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any, Protocol
+
+from simplepush import protocol
+from simplepush.logs import event
+from simplepush.node import Node
+from simplepush.protocol import Ack, Drop, Hello, Ping, Register, Reject, Unregister
+from simplepush.registry import SUPERSEDED
+from simplepush.store import StoreError
+from simplepush.updates import Update
+
+# RFC 6455 close codes the session chooses
+PROTOCOL_ERROR = 1002
+UNSUPPORTED_DATA = 1003
+INVALID_PAYLOAD = 1007
+POLICY_VIOLATION = 1008
+SERVER_ERROR = 1011
+
+
+class Transport(Protocol):
+    def send(self, text: str) -> bool:
+        """Queue one text frame; False when the socket is already closed."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the socket (idempotent)."""
+
+
+def new_uaid() -> str:
+    return uuid.uuid4().hex
+
+
+class Session:
+    __slots__ = ("_node", "_transport", "closed", "connected_at", "key", "uaid")
+
+    def __init__(self, node: Node, transport: Transport, connected_at: float) -> None:
+        self._node = node
+        self._transport = transport
+        self.connected_at = connected_at
+        self.uaid = ""  # as the device spells it
+        self.key: str | None = None  # canonical UAID once identified
+        self.closed = False
+
+    async def receive(self, text: str) -> None:
+        """Handle one text frame; storage trouble becomes a 503 and a close."""
+        outcome = protocol.parse(text, self.key is not None)
+        kind = type(outcome)
+        try:
+            if kind is Ack:
+                await self._ack(outcome)
+            elif kind is Ping:
+                self._node.metrics.incr("updates.client.ping")
+                self._transport.send(protocol.PING_REPLY)
+            elif kind is Hello:
+                await self._hello(outcome)
+            elif kind is Register:
+                await self._register(outcome)
+            elif kind is Unregister:
+                await self._unregister(outcome)
+            elif kind is Reject:
+                self._reject(outcome)
+            elif kind is Drop:
+                event(logging.INFO, "websocket.dropped", reason=outcome.reason)
+                self.close(INVALID_PAYLOAD, outcome.reason)
+        except StoreError as exc:
+            event(logging.ERROR, "storage.error", error=str(exc))
+            raw: dict[str, Any] = getattr(outcome, "raw", {"messageType": "ack"})
+            self._transport.send(protocol.error_reply(raw, 503))
+            self.close(SERVER_ERROR, "storage unavailable")
+
+    def receive_binary(self) -> None:
+        self.close(UNSUPPORTED_DATA, "binary frames are not SimplePush")
+
+    def _reject(self, reject: Reject) -> None:
+        self._transport.send(reject.reply)
+        if reject.close:
+            self.close(POLICY_VIOLATION, "protocol error")
+
+    async def _hello(self, hello: Hello) -> None:
+        node = self._node
+        if self.key is not None:
+            if hello.key in ("", self.key):
+                self._transport.send(protocol.hello_reply(self.uaid))
+                await self._flush()
+            else:
+                self._reject(Reject(protocol.error_reply(hello.raw, 503), close=True))
+            return
+        key, uaid, outcome = hello.key, hello.uaid, "known"
+        store = node.store
+        if not key:
+            key = uaid = new_uaid()
+            outcome = "new"
+        elif hello.channel_count > node.max_channels:
+            await store.drop(key)
+            key = uaid = new_uaid()
+            outcome = "reset"
+        elif hello.channel_count and not await store.known(key):
+            key = uaid = new_uaid()
+            outcome = "reset"
+        await store.hello(key, hello.wakeup)
+        if self.closed:
+            return
+        if not node.registry.claim(key, self):
+            self.close(*SUPERSEDED)
+            return
+        self.key, self.uaid = key, uaid
+        node.metrics.incr("updates.client.hello")
+        event(logging.INFO, "websocket.hello", uaid_state=outcome, channels=hello.channel_count)
+        self._transport.send(protocol.hello_reply(uaid))
+        await self._flush()
+
+    async def _register(self, register: Register) -> None:
+        node = self._node
+        if not await node.store.register(
+            self.key, register.key, register.channel_id, node.max_channels
+        ):
+            self._transport.send(protocol.error_reply(register.raw, 413))
+            return
+        node.metrics.incr("updates.client.register")
+        endpoint = node.endpoint(self.key, register.key)
+        self._transport.send(protocol.register_reply(register.channel_id, self.uaid, endpoint))
+
+    async def _unregister(self, unregister: Unregister) -> None:
+        if unregister.key is not None:
+            await self._node.store.unregister(self.key, unregister.key)
+        self._node.metrics.incr("updates.client.unregister")
+        self._transport.send(protocol.unregister_reply(unregister.channel_id))
+
+    async def _ack(self, ack: Ack) -> None:
+        self._node.metrics.incr("updates.client.ack")
+        remaining = await self._node.store.ack(self.key, ack.acks)
+        if remaining:
+            self._send_updates(remaining)
+
+    async def _flush(self) -> None:
+        pending = await self._node.store.pending(self.key)
+        if pending:
+            self._send_updates(pending)
+
+    def _send_updates(self, updates: list[Update]) -> None:
+        if self._transport.send(protocol.notification(updates)):
+            self._node.metrics.incr("updates.sent", len(updates))
+
+    def deliver(self, update: Update) -> bool:
+        """A live update from the router; False if the socket is gone."""
+        if self.closed or not self._transport.send(protocol.notification((update,))):
+            return False
+        self._node.metrics.incr("updates.sent")
+        return True
+
+    def close(self, code: int, reason: str) -> None:
+        if not self.closed:
+            self._transport.close(code, reason)
+            self.on_closed()
+
+    def on_closed(self) -> None:
+        """The socket is gone, by our close or the peer's: give the UAID back."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.key is not None:
+            self._node.registry.release(self.key, self)
