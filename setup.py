@@ -1,6 +1,12 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
-from simplepush import __version__
+# Read, not imported: the build runs before the package's dependencies exist.
+__version__ = re.search(
+    r'__version__ = "([^"]+)"', (Path(__file__).parent / "simplepush" / "__init__.py").read_text()
+).group(1)
 
 setup(
     name="simplepush",

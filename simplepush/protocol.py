@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -115,18 +116,38 @@ Outcome = Message | Reject | Drop
 PING = Ping()
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} overflows")
+    return value
+
+
 def parse(text: str, identified: bool) -> Outcome:
     """Parse one text frame from a device that has (or has not) said hello."""
     try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError):
+        return _parse(text, identified)
+    except RecursionError:
+        # json decodes a little deeper than it encodes: an echo can overflow too.
+        return Drop("JSON nested too deeply")
+
+
+def _parse(text: str, identified: bool) -> Outcome:
+    try:
+        # Strict RFC 8259: NaN/Infinity would be echoed back as invalid JSON.
+        obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except ValueError:
         return Drop("invalid JSON")
     if type(obj) is not dict:
         return Drop("frame is not a JSON object")
     if not obj:
         return PING
     mtype = obj.get("messageType")
-    if type(mtype) is not str:
+    if type(mtype) is not str or not mtype.isascii():
         return Reject(error_reply(obj, 401), close=True)
     mtype = mtype.lower()
     if mtype == "ack" and identified:

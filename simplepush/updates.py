@@ -24,12 +24,37 @@ class Update:
     data: str | None = None
 
 
-class InvalidVersion(ValueError):
-    pass
+class RejectedUpdate(ValueError):
+    """An app server's request we refuse; status and error go on the wire."""
+
+    status = 400
+    error = "Bad Request"
 
 
-class DataTooLong(ValueError):
-    pass
+class InvalidVersion(RejectedUpdate):
+    error = "Invalid Version"
+
+
+class NotUTF8(RejectedUpdate):
+    error = "Parameters must be UTF-8"
+
+
+class DataTooLong(RejectedUpdate):
+    status = 413
+    error = f"Data exceeds max length of {MAX_DATA_BYTES} bytes"
+
+
+def form_value(
+    form: dict[str, list[bytes]], query: dict[str, list[bytes]], name: str
+) -> str | None:
+    """The first value of a parameter, the body's before the query's (PROTOCOL.md 4.3)."""
+    values = form.get(name) or query.get(name)
+    if not values:
+        return None
+    try:
+        return values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise NotUTF8(name) from None
 
 
 def parse_version(text: str | None, now: int) -> int:

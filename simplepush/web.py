@@ -22,7 +22,13 @@ from simplepush.node import Node
 from simplepush.router import Delivery
 from simplepush.session import POLICY_VIOLATION, Session
 from simplepush.store import StoreError
-from simplepush.updates import DataTooLong, InvalidVersion, check_data, parse_version
+from simplepush.updates import (
+    DataTooLong,
+    RejectedUpdate,
+    check_data,
+    form_value,
+    parse_version,
+)
 
 SUBPROTOCOL = "push-notification"
 _FORM = "application/x-www-form-urlencoded"
@@ -139,16 +145,15 @@ class UpdateHandler(JSONHandler):
         start = time.monotonic()
         node.metrics.incr("updates.appserver.incoming")
         try:
-            version_text, data_text = self._params()
-            version = parse_version(version_text, int(time.time()))
-            data = check_data(data_text)
-        except InvalidVersion:
-            node.metrics.incr("updates.appserver.invalid")
-            self.write_json(400, {"status": 400, "error": "Invalid Version"})
-            return
-        except DataTooLong:
-            node.metrics.incr("updates.appserver.toolong")
-            self.write_json(413, {"status": 413, "error": "Data exceeds max length of 4096 bytes"})
+            form, query = self._form(), self.request.query_arguments
+            version = parse_version(form_value(form, query, "version"), int(time.time()))
+            data = check_data(form_value(form, query, "data"))
+        except RejectedUpdate as exc:
+            too_long = isinstance(exc, DataTooLong)
+            node.metrics.incr(
+                "updates.appserver.toolong" if too_long else "updates.appserver.invalid"
+            )
+            self.write_json(exc.status, {"status": exc.status, "error": exc.error})
             return
         ids = node.tokens.decode(token)
         if ids is None:
@@ -170,26 +175,12 @@ class UpdateHandler(JSONHandler):
         node.metrics.timing("updates.handled", (time.monotonic() - start) * 1000)
         self.write_json(delivery.value, {})
 
-    def _params(self) -> tuple[str | None, str | None]:
-        """Form body when Content-Type is absent or form (PROTOCOL.md 4.3), then the query."""
-        request = self.request
-        content_type = request.headers.get("Content-Type")
-        form: dict[str, list[bytes]] = {}
+    def _form(self) -> dict[str, list[bytes]]:
+        """The body counts when Content-Type is absent or form (PROTOCOL.md 4.3)."""
+        content_type = self.request.headers.get("Content-Type")
         if content_type is None or content_type.split(";", 1)[0].strip().lower() == _FORM:
-            form = parse_qs_bytes(request.body, keep_blank_values=True)
-        return _first(form, request.query_arguments, "version"), _first(
-            form, request.query_arguments, "data"
-        )
-
-
-def _first(form: dict[str, list[bytes]], query: dict[str, list[bytes]], name: str) -> str | None:
-    values = form.get(name) or query.get(name)
-    if not values:
-        return None
-    try:
-        return values[0].decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidVersion(name) from None
+            return parse_qs_bytes(self.request.body, keep_blank_values=True)
+        return {}
 
 
 class StatusHandler(JSONHandler):

@@ -88,7 +88,7 @@ class Device:
     async def expect_silence(self, seconds: float = SILENCE) -> None:
         try:
             text = await asyncio.wait_for(self.conn.read_message(), seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return
         raise AssertionError(f"expected no frame, got {text!r}")
 
@@ -123,7 +123,7 @@ class Device:
 
 
 @pytest.fixture
-def connect(ws_url: str, io_loop):
+def connect(ws_url: str, http_server):
     """connect() opens a new device socket; all are closed at teardown."""
     opened: list[Device] = []
 

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs simplepush into .venv (idempotent) and gives config.ini a token key.
+#   ./install.sh         the server and its libraries
+#   ./install.sh --dev   also the test and lint tools (pytest, pytest-tornado, hypothesis, ruff)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+extras=""
+case "${1:-}" in
+  "") ;;
+  --dev) extras="[dev]" ;;
+  *) echo "usage: $0 [--dev]" >&2; exit 2 ;;
+esac
+
+python="${PYTHON:-python3}"
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "install.sh: simplepush needs Python 3.11 or newer ($python is $("$python" --version 2>&1))" >&2
+  exit 1
+fi
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --editable ".${extras}"
+
+# A fresh key only where config.ini has none: rerunning keeps existing endpoints valid.
+if grep -Eq '^token_key[[:space:]]*=[[:space:]]*(;.*)?$' config.ini; then
+  key="$(.venv/bin/simplepush genkey)"
+  sed -i -E "s|^token_key([[:space:]]*)=[[:space:]]*(;.*)?$|token_key\1= ${key} \2|" config.ini
+  echo "install.sh: wrote a new token_key into config.ini"
+fi
+echo "install.sh: installed; run with: .venv/bin/simplepush --config config.ini"

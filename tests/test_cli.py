@@ -1,0 +1,387 @@
+"""The installed `simplepush` console script, run as a real process.
+
+Covers DESIGN.md section 3: `genkey`, config errors (one line, exit 2), the
+shipped config.ini, a full device/app-server round trip against the
+process, the mozlog envelope, text logs, and shutdown on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from configparser import ConfigParser
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pytest
+import websocket
+from cryptography.fernet import Fernet
+
+from simplepush.config import load
+from simplepush.tokens import generate_key
+
+SCRIPT = Path(sys.executable).parent / "simplepush"
+SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "config.ini"
+# Bounds for waiting on a process, not performance thresholds.
+START_TIMEOUT = 10.0
+EXIT_TIMEOUT = 5.0
+IO_TIMEOUT = 5.0
+ENVELOPE = {"Timestamp", "Type", "Logger", "Hostname", "EnvVersion", "Severity", "Pid", "Fields"}
+
+
+@pytest.fixture(scope="module")
+def script() -> Path:
+    if not SCRIPT.is_file():
+        pytest.fail(f"console script {SCRIPT} is missing: run `pip install -e .` in this venv")
+    return SCRIPT
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_cli(script: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(script), *args], capture_output=True, text=True, timeout=START_TIMEOUT, cwd=cwd
+    )
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    port: int
+    stdout: Path
+    stderr: Path
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def output(self) -> list[str]:
+        return self.stdout.read_text(encoding="utf-8").splitlines()
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(signum)
+        return self.proc.wait(timeout=EXIT_TIMEOUT)
+
+
+def get_json(server: Server, path: str) -> dict:
+    with urllib.request.urlopen(server.url(path), timeout=IO_TIMEOUT) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture
+def start(script: Path, tmp_path: Path):
+    """start(token_key=..., log_format=...): a server answering /status; killed at teardown."""
+    started: list[Server] = []
+
+    def _start(token_key: str | None = None, log_format: str = "json") -> Server:
+        port = free_port()
+        config = tmp_path / f"server-{port}.ini"
+        config.write_text(
+            "[server]\n"
+            f"port = {port}\n"
+            f"endpoint_url = http://127.0.0.1:{port}\n"
+            f"token_key = {generate_key() if token_key is None else token_key}\n"
+            "[logging]\n"
+            f"format = {log_format}\n"
+            "output = stdout\n"
+            "level = info\n",
+            encoding="utf-8",
+        )
+        stdout, stderr = tmp_path / f"stdout-{port}.log", tmp_path / f"stderr-{port}.log"
+        with stdout.open("wb") as out, stderr.open("wb") as err:
+            proc = subprocess.Popen(
+                [str(script), "--config", str(config)], stdout=out, stderr=err, cwd=tmp_path
+            )
+        server = Server(proc, port, stdout, stderr)
+        started.append(server)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited {proc.returncode}: {stderr.read_text()}")
+            try:
+                get_json(server, "/status")
+                return server
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"server did not answer /status within {START_TIMEOUT} s")
+                time.sleep(0.05)
+
+    yield _start
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait(timeout=EXIT_TIMEOUT)
+
+
+@pytest.fixture
+def sockets():
+    """Client WebSockets opened by a test, closed at teardown."""
+    opened: list[websocket.WebSocket] = []
+
+    def _open(port: int) -> websocket.WebSocket:
+        ws = websocket.create_connection(f"ws://127.0.0.1:{port}/", timeout=IO_TIMEOUT)
+        opened.append(ws)
+        return ws
+
+    yield _open
+    for ws in opened:
+        ws.close(timeout=0)
+
+
+def request(ws: websocket.WebSocket, frame: dict) -> dict:
+    ws.send(json.dumps(frame))
+    return json.loads(ws.recv())
+
+
+def close_code(ws: websocket.WebSocket) -> int:
+    """Read until the server's close frame and return its code."""
+    while True:
+        opcode, data = ws.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            return struct.unpack("!H", data[:2])[0]
+
+
+def put(endpoint: str, body: bytes) -> tuple[int, bytes]:
+    req = urllib.request.Request(
+        endpoint,
+        data=body,
+        method="PUT",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    with urllib.request.urlopen(req, timeout=IO_TIMEOUT) as response:
+        return response.status, response.read()
+
+
+def round_trip(server: Server, open_socket) -> None:
+    """hello, register, PUT (200), the exact notification, ack, ping."""
+    ws = open_socket(server.port)
+    hello = request(ws, {"messageType": "hello", "uaid": "", "channelIDs": []})
+    uaid = hello["uaid"]
+    assert re.fullmatch(r"[0-9a-f]{32}", uaid)
+    assert hello == {"messageType": "hello", "uaid": uaid, "status": 200}
+    chid = str(uuid.uuid4())
+    reply = request(ws, {"messageType": "register", "channelID": chid})
+    endpoint = reply["pushEndpoint"]
+    assert endpoint.startswith(server.url("/update/"))
+    assert reply == {
+        "messageType": "register",
+        "channelID": chid,
+        "status": 200,
+        "uaid": uaid,
+        "pushEndpoint": endpoint,
+    }
+    assert put(endpoint, b"version=42") == (200, b"{}")
+    assert json.loads(ws.recv()) == {
+        "messageType": "notification",
+        "updates": [{"channelID": chid, "version": 42}],
+    }
+    ws.send(json.dumps({"messageType": "ack", "updates": [{"channelID": chid, "version": 42}]}))
+    ws.send("{}")
+    assert ws.recv() == "{}"
+
+
+# --- genkey -----------------------------------------------------------------
+
+
+def test_genkey_prints_a_new_fernet_key(script, tmp_path):
+    keys = []
+    for _ in range(2):
+        result = run_cli(script, "genkey", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert len(lines) == 1
+        key = lines[0]
+        assert len(key) == 44
+        assert len(base64.urlsafe_b64decode(key)) == 32
+        Fernet(key)
+        keys.append(key)
+    assert keys[0] != keys[1]
+
+
+# --- bad configs: one line naming file, key and problem; exit 2 ------------
+
+
+BAD_CONFIGS = [
+    pytest.param("[bogus]\nx = 1\n", ["[bogus]", "unknown section"], id="unknown-section"),
+    pytest.param("[server]\ncolour = blue\n", ["[server] colour", "unknown"], id="unknown-key"),
+    pytest.param("[server]\nport = abc\n", ["[server] port", "abc"], id="port-abc"),
+    pytest.param("[server]\nport = 0\n", ["[server] port", "65535"], id="port-0"),
+    pytest.param("[server]\nport = 70000\n", ["[server] port", "70000"], id="port-70000"),
+    pytest.param(
+        "[server]\nmax_connections = -1\n", ["[server] max_connections", "-1"], id="max-conn"
+    ),
+    pytest.param(
+        "[server]\nhello_timeout = soon\n", ["[server] hello_timeout", "soon"], id="hello-timeout"
+    ),
+    pytest.param("[server]\ntoken_key = not-a-key\n", ["[server] token_key", "Fernet"], id="key"),
+    pytest.param(
+        f"[server]\ntoken_key = {generate_key()}, not-a-key\n",
+        ["[server] token_key", "key 2"],
+        id="second-key",
+    ),
+    pytest.param(
+        "[server]\nprocesses = 2\n[storage]\nbackend = memory\n",
+        ["[server] processes", "memcached"],
+        id="processes-memory",
+    ),
+    pytest.param("[storage]\nbackend = redis\n", ["[storage] backend", "redis"], id="redis"),
+    pytest.param("[logging]\nlevel = loud\n", ["[logging] level", "loud"], id="level"),
+    pytest.param(
+        "[server]\nendpoint_url = push.example.com\n",
+        ["[server] endpoint_url", "http"],
+        id="endpoint-scheme",
+    ),
+]
+
+
+def assert_config_error(result: subprocess.CompletedProcess[str], fragments: list[str]) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.mark.parametrize(("text", "fragments"), BAD_CONFIGS)
+def test_bad_config_exits_2_with_one_line(script, tmp_path, text, fragments):
+    config = tmp_path / "bad.ini"
+    config.write_text(text, encoding="utf-8")
+    result = run_cli(script, "--config", str(config), cwd=tmp_path)
+    assert_config_error(result, [str(config), *fragments])
+
+
+def test_missing_config_file_exits_2_with_one_line(script, tmp_path):
+    config = tmp_path / "absent.ini"
+    result = run_cli(script, "--config", str(config), cwd=tmp_path)
+    assert_config_error(result, [str(config), "no such file"])
+
+
+def test_port_in_use_exits_2_with_one_line(script, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = tmp_path / "busy.ini"
+        config.write_text(f"[server]\nport = {port}\n", encoding="utf-8")
+        result = run_cli(script, "--config", str(config), cwd=tmp_path)
+    assert_config_error(result, [str(config), "[server] port", str(port), "in use"])
+
+
+# --- the shipped config.ini -------------------------------------------------
+
+
+DESIGN_DEFAULTS = {
+    "server": {
+        "host": "127.0.0.1",
+        "port": 8080,
+        "endpoint_url": "http://localhost:8080",
+        "processes": 1,
+        "max_connections": 100000,
+        "hello_timeout": 30,
+        "max_channels": 200,
+        "token_key": None,  # install.sh fills it; its value is not a default
+        "router_host": "127.0.0.1",
+        "router_port": 8090,
+    },
+    "storage": {"backend": "memory", "servers": ("127.0.0.1:11211",)},
+    "logging": {"format": "json", "output": "stdout", "level": "info", "name": "simplepush"},
+    "metrics": {"statsd_host": "", "statsd_port": 8125, "prefix": "simplepush"},
+}
+
+
+def test_shipped_config_has_every_key_with_designs_default():
+    settings = load(str(SHIPPED_CONFIG))
+    raw = ConfigParser(inline_comment_prefixes=(";",), interpolation=None)
+    raw.read(SHIPPED_CONFIG, encoding="utf-8")
+    assert set(raw.sections()) == set(DESIGN_DEFAULTS)
+    for section, defaults in DESIGN_DEFAULTS.items():
+        assert set(raw[section]) == set(defaults), section
+        loaded = asdict(getattr(settings, section))
+        for key, value in defaults.items():
+            if value is not None:
+                assert loaded[key] == value, (section, key)
+
+
+def test_shipped_config_comments_every_key():
+    for line in SHIPPED_CONFIG.read_text(encoding="utf-8").splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith((";", "#", "[")):
+            continue
+        _, _, comment = stripped.partition(";")
+        assert comment.strip(), f"no ';' comment: {line!r}"
+
+
+# --- a running server -------------------------------------------------------
+
+
+def test_full_run_serves_devices_and_logs_mozlog_json(start, sockets):
+    server = start()
+    round_trip(server, sockets)
+    assert server.stop() == 0
+    lines = server.output()
+    assert lines
+    records = [json.loads(line) for line in lines]
+    for record in records:
+        assert set(record) == ENVELOPE, record
+        assert type(record["Timestamp"]) is int
+        assert type(record["Type"]) is str
+        assert record["Logger"] == "simplepush"
+        assert record["Hostname"] == socket.gethostname()
+        assert record["EnvVersion"] == "2.0"
+        assert record["Severity"] in range(8)
+        assert record["Pid"] == server.proc.pid
+        assert type(record["Fields"]) is dict
+    types = [record["Type"] for record in records]
+    assert "server.start" in types
+    assert "websocket.hello" in types
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_closes_devices_with_1001_and_exits_0(start, sockets, signum):
+    server = start()
+    identified = sockets(server.port)
+    hello = request(identified, {"messageType": "hello", "uaid": "", "channelIDs": []})
+    assert hello["status"] == 200
+    anonymous = sockets(server.port)
+    assert get_json(server, "/status")["clients"] == 2
+    signalled = time.monotonic()
+    server.proc.send_signal(signum)
+    assert close_code(identified) == 1001
+    assert close_code(anonymous) == 1001
+    remaining = max(0.0, EXIT_TIMEOUT - (time.monotonic() - signalled))
+    assert server.proc.wait(timeout=remaining) == 0
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=IO_TIMEOUT).close()
+
+
+def test_text_log_format_is_not_json(start):
+    server = start(log_format="text")
+    assert server.stop() == 0
+    lines = server.output()
+    assert lines
+    for line in lines:
+        with pytest.raises(ValueError):
+            json.loads(line)
+    assert any("server.start" in line and f"port={server.port}" in line for line in lines)
+
+
+def test_empty_token_key_warns_and_endpoints_work(start, sockets):
+    server = start(token_key="")
+    warnings = [json.loads(line) for line in server.output()]
+    assert any(
+        record["Type"] == "config.warning" and record["Fields"].get("key") == "token_key"
+        for record in warnings
+    ), warnings
+    round_trip(server, sockets)
