@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs simplepush into .venv (idempotent) and gives config.ini a token key.
 #   ./install.sh         the server and its libraries
-#   ./install.sh --dev   also the test and lint tools (pytest, pytest-tornado, hypothesis, ruff)
+#   ./install.sh --dev   also the test and lint tools (pytest, pytest-tornado, hypothesis,
+#                        websocket-client, ruff)
 set -euo pipefail
 cd "$(dirname "$0")"
 

@@ -27,6 +27,7 @@ setup(
             "pytest-tornado>=0.8.1",
             "hypothesis>=6",
             "ruff>=0.6",
+            "websocket-client>=1.6",
         ],
     },
     entry_points={
