@@ -22,9 +22,5 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --editable ".${extras}"
 
 # A fresh key only where config.ini has none: rerunning keeps existing endpoints valid.
-if grep -Eq '^token_key[[:space:]]*=[[:space:]]*(;.*)?$' config.ini; then
-  key="$(.venv/bin/simplepush genkey)"
-  sed -i -E "s|^token_key([[:space:]]*)=[[:space:]]*(;.*)?$|token_key\1= ${key} \2|" config.ini
-  echo "install.sh: wrote a new token_key into config.ini"
-fi
+.venv/bin/simplepush genkey --fill --config config.ini
 echo "install.sh: installed; run with: .venv/bin/simplepush --config config.ini"

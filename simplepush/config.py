@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -221,3 +222,20 @@ def _check_together(settings: Settings) -> None:
             f"{path}: [server] processes: the memory backend serves one process;"
             " set processes = 1 (several processes need backend = memcached)"
         )
+
+
+_EMPTY_TOKEN_KEY = re.compile(r"^(token_key[ \t]*=)[ \t]*(;.*)?$", re.MULTILINE)
+
+
+def fill_token_key(path: str, key: str) -> bool:
+    """Write key into an empty token_key line, keeping its comment; False if one is set."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    filled, count = _EMPTY_TOKEN_KEY.subn(
+        lambda m: f"{m.group(1)} {key}" + (f"  {m.group(2)}" if m.group(2) else ""), text, count=1
+    )
+    if not count:
+        return False
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(filled)
+    return True

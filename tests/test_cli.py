@@ -27,7 +27,7 @@ import websocket
 from cryptography.fernet import Fernet
 
 from simplepush.config import load
-from simplepush.tokens import generate_key
+from simplepush.tokens import generate_key, is_valid_key
 
 SCRIPT = Path(sys.executable).parent / "simplepush"
 SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "config.ini"
@@ -208,6 +208,22 @@ def test_genkey_prints_a_new_fernet_key(script, tmp_path):
         Fernet(key)
         keys.append(key)
     assert keys[0] != keys[1]
+
+
+def test_genkey_fill_writes_a_key_into_an_empty_token_key_once(script, tmp_path):
+    """What install.sh does: a fresh key where there is none, untouched on a rerun."""
+    config = tmp_path / "config.ini"
+    config.write_text("[server]\nport = 8080  ; the port\ntoken_key =    ; keys, newest first\n")
+    result = run_cli(script, "genkey", "--fill", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"simplepush: wrote a new token_key into {config}\n"
+    keys = load(str(config)).server.token_key
+    assert len(keys) == 1 and is_valid_key(keys[0])
+    line = next(ln for ln in config.read_text().splitlines() if ln.startswith("token_key"))
+    assert ";" in line, "the key's comment is kept"
+    again = run_cli(script, "genkey", "--fill", "--config", str(config), cwd=tmp_path)
+    assert (again.returncode, again.stdout) == (0, "")
+    assert load(str(config)).server.token_key == keys
 
 
 # --- bad configs: one line naming file, key and problem; exit 2 ------------

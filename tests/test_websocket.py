@@ -18,6 +18,7 @@ import pytest
 from tornado.httpclient import HTTPClientError
 from tornado.websocket import WebSocketClosedError, websocket_connect
 
+from simplepush.protocol import Wakeup
 from tests.conftest import Device, new_id
 
 # Some tests dial the port themselves rather than through connect().
@@ -894,3 +895,40 @@ async def test_update_bodies_as_the_device_sees_them(connect, put):  # 7.7 item 
         assert before <= await delivered(body, headers) <= int(time.time())
     await hang_up(device)
     assert (await put(endpoint, "version=13")).code == 202
+
+
+WAKEUP_HELLO = {
+    "wakeup_hostport": {"ip": "10.71.22.5", "port": 50213},
+    "mobilenetwork": {"mcc": "214", "mnc": "07", "netid": "10.1.2.3"},
+}
+
+
+@pytest.mark.gen_test
+async def test_hello_stores_valid_wakeup_details_with_the_uaid(connect, node):
+    """DESIGN.md 2.8: validated and stored with the UAID; nothing sends UDP yet."""
+    device = await connect()
+    reply = await device.request(hello(**WAKEUP_HELLO))
+    assert reply["status"] == 200
+    assert await node.store.wakeup(reply["uaid"]) == Wakeup(
+        "10.71.22.5", 50213, "214", "07", "10.1.2.3"
+    )
+
+
+@pytest.mark.gen_test
+async def test_hello_ignores_invalid_wakeup_details_and_stays_open(connect, node):
+    """PROTOCOL.md 3.2.6 step 5: unusable details are ignored, the socket stays open."""
+    device = await connect()
+    reply = await device.request(hello(wakeup_hostport={"ip": "not-an-ip", "port": 50213}))
+    assert reply == {"messageType": "hello", "uaid": reply["uaid"], "status": 200}
+    assert await node.store.wakeup(reply["uaid"]) is None
+    assert await device.request("{}") == {}
+
+
+@pytest.mark.gen_test
+async def test_a_later_hello_without_wakeup_forgets_the_old_details(connect, node):
+    first = await connect()
+    uaid = (await first.request(hello(**WAKEUP_HELLO)))["uaid"]
+    first.close()
+    second = await connect()
+    assert (await second.request(hello(uaid)))["uaid"] == uaid
+    assert await node.store.wakeup(uaid) is None

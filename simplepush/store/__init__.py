@@ -29,6 +29,10 @@ class Store(ABC):
         """Create the UAID's record if absent and remember its wake-up details."""
 
     @abstractmethod
+    async def wakeup(self, uaid: str) -> Wakeup | None:
+        """The UDP wake-up details from the UAID's last hello, for a future waker."""
+
+    @abstractmethod
     async def drop(self, uaid: str) -> None:
         """Forget the UAID, its channels and everything pending for it."""
 

@@ -36,6 +36,10 @@ class MemoryStore(Store):
             record = self._records[uaid] = _Record()
         record.wakeup = wakeup
 
+    async def wakeup(self, uaid: str) -> Wakeup | None:
+        record = self._records.get(uaid)
+        return record.wakeup if record is not None else None
+
     async def drop(self, uaid: str) -> None:
         self._records.pop(uaid, None)
 
