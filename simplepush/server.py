@@ -54,7 +54,7 @@ def build_node(settings: Settings) -> Node:
     return Node(
         store=store,
         registry=registry,
-        router=Router(store, registry),
+        router=Router(store, registry, f"http://{server.router_host}:{server.router_port}"),
         tokens=TokenCodec(keys),
         metrics=metrics,
         endpoint_url=server.endpoint_url,

@@ -16,7 +16,7 @@ from simplepush.logs import event
 from simplepush.node import Node
 from simplepush.protocol import Ack, Drop, Hello, Ping, Register, Reject, Unregister
 from simplepush.registry import SUPERSEDED
-from simplepush.store import StoreError
+from simplepush.store import Holder, StoreError
 from simplepush.updates import Update
 
 # RFC 6455 close codes the session chooses
@@ -106,10 +106,13 @@ class Session:
         elif hello.channel_count and not await store.known(key):
             key = uaid = new_uaid()
             outcome = "reset"
-        await store.hello(key, hello.wakeup)
+        holder = Holder(node.router.url, self.connected_at)
+        other = await store.hello(key, hello.wakeup, holder)
         if self.closed:
+            await store.release(key, holder)
             return
-        if not node.registry.claim(key, self):
+        newer = other is not None and other.connected_at > self.connected_at
+        if newer or not node.registry.claim(key, self):
             self.close(*SUPERSEDED)
             return
         self.key, self.uaid = key, uaid
@@ -169,3 +172,4 @@ class Session:
         self.closed = True
         if self.key is not None:
             self._node.registry.release(self.key, self)
+            self._node.router.disconnected(self.key, self.connected_at)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from simplepush.protocol import Wakeup
 from simplepush.updates import Update
@@ -19,14 +20,31 @@ class StoreError(Exception):
     """The backend cannot answer now; callers answer 503 and lose nothing."""
 
 
+@dataclass(slots=True, frozen=True)
+class Holder:
+    """Which node holds a UAID's socket, and since when: the newest connection wins."""
+
+    node: str  # the holding node's internal router URL
+    connected_at: float
+
+
 class Store(ABC):
     @abstractmethod
     async def known(self, uaid: str) -> bool:
         """Whether the server can vouch for this UAID's registrations."""
 
     @abstractmethod
-    async def hello(self, uaid: str, wakeup: Wakeup | None) -> None:
-        """Create the UAID's record if absent and remember its wake-up details."""
+    async def hello(self, uaid: str, wakeup: Wakeup | None, holder: Holder) -> Holder | None:
+        """Create the UAID's record if absent, keep its wake-up details, record the holder.
+
+        Returns the other connection involved, if any: one with a later
+        connected_at keeps the record (this one must close), an earlier one
+        was displaced (its node must close it).
+        """
+
+    @abstractmethod
+    async def release(self, uaid: str, holder: Holder) -> None:
+        """Forget the holder, only if the record still names exactly this one."""
 
     @abstractmethod
     async def wakeup(self, uaid: str) -> Wakeup | None:
@@ -45,11 +63,13 @@ class Store(ABC):
         """Remove the channel and its pending update; unknown channels are fine."""
 
     @abstractmethod
-    async def update(self, uaid: str, chid: str, version: int, data: str | None) -> Update | None:
+    async def update(
+        self, uaid: str, chid: str, version: int, data: str | None
+    ) -> tuple[Update, Holder | None] | None:
         """Record a new version; None when the channel is not registered.
 
-        Returns the channel's pending update afterwards: a lower version than
-        the pending one does not replace it.
+        Returns the channel's pending update afterwards (a lower version than
+        the pending one does not replace it) and who holds the UAID's socket.
         """
 
     @abstractmethod

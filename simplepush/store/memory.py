@@ -10,17 +10,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from simplepush.protocol import Wakeup
-from simplepush.store import Store
+from simplepush.store import Holder, Store
 from simplepush.updates import Update
 
 
 class _Record:
-    __slots__ = ("channels", "pending", "wakeup")
+    __slots__ = ("channels", "holder", "pending", "wakeup")
 
     def __init__(self) -> None:
         self.channels: dict[str, str] = {}  # channel key -> the device's spelling
         self.pending: dict[str, Update] = {}
         self.wakeup: Wakeup | None = None
+        self.holder: Holder | None = None
 
 
 class MemoryStore(Store):
@@ -30,11 +31,22 @@ class MemoryStore(Store):
     async def known(self, uaid: str) -> bool:
         return uaid in self._records
 
-    async def hello(self, uaid: str, wakeup: Wakeup | None) -> None:
+    async def hello(self, uaid: str, wakeup: Wakeup | None, holder: Holder) -> Holder | None:
         record = self._records.get(uaid)
         if record is None:
             record = self._records[uaid] = _Record()
         record.wakeup = wakeup
+        other = record.holder
+        if other == holder:
+            return None
+        if other is None or other.connected_at <= holder.connected_at:
+            record.holder = holder
+        return other
+
+    async def release(self, uaid: str, holder: Holder) -> None:
+        record = self._records.get(uaid)
+        if record is not None and record.holder == holder:
+            record.holder = None
 
     async def wakeup(self, uaid: str) -> Wakeup | None:
         record = self._records.get(uaid)
@@ -62,7 +74,9 @@ class MemoryStore(Store):
             record.channels.pop(chid, None)
             record.pending.pop(chid, None)
 
-    async def update(self, uaid: str, chid: str, version: int, data: str | None) -> Update | None:
+    async def update(
+        self, uaid: str, chid: str, version: int, data: str | None
+    ) -> tuple[Update, Holder | None] | None:
         record = self._records.get(uaid)
         if record is None:
             return None
@@ -70,10 +84,9 @@ class MemoryStore(Store):
         if spelling is None:
             return None
         current = record.pending.get(chid)
-        if current is not None and current.version > version:
-            return current
-        update = record.pending[chid] = Update(spelling, version, data)
-        return update
+        if current is None or current.version <= version:
+            current = record.pending[chid] = Update(spelling, version, data)
+        return current, record.holder
 
     async def pending(self, uaid: str) -> list[Update]:
         record = self._records.get(uaid)
