@@ -1,0 +1,430 @@
+"""simplepush-bench: its wire clients on canned bytes, then whole runs against a real server.
+
+The end-to-end tests start `python -m simplepush.cli` and the bench as real
+processes on 127.0.0.1 and check the JSON report for presence and sanity
+only: no timing thresholds, since the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from simplepush.bench.device import ACK, READY, Device, Shared, mask_frame
+from simplepush.bench.putclient import HttpConn, HttpPool, chunked_end
+from simplepush.bench.report import percentiles
+from simplepush.bench.settings import Target, parse_source_ips
+
+ROOT = Path(__file__).resolve().parents[1]
+# Bounds for waiting on processes, not performance thresholds.
+START_TIMEOUT = 10.0
+BENCH_TIMEOUT = 90.0
+CHID = "5c6e1d2a-9f83-4b7e-a1c2-3d4e5f607182"
+
+
+# --- wire clients on canned bytes ---------------------------------------------------------
+
+
+class FakeTransport(asyncio.Transport):
+    """Records what a protocol writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def unmask(frame: bytes) -> tuple[int, bytes]:
+    """(opcode, payload) of one masked client frame."""
+    assert frame[0] & 0x80, "FIN must be set"
+    assert frame[1] & 0x80, "client frames must be masked"
+    length, pos = frame[1] & 0x7F, 2
+    if length == 126:
+        length, pos = int.from_bytes(frame[2:4], "big"), 4
+    elif length == 127:
+        length, pos = int.from_bytes(frame[2:10], "big"), 10
+    key, payload = frame[pos : pos + 4], frame[pos + 4 :]
+    assert len(payload) == length
+    return frame[0] & 0x0F, bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def server_frame(payload: bytes, opcode: int = 1, fin: bool = True) -> bytes:
+    """An unmasked server frame, with the shortest length encoding."""
+    n = len(payload)
+    first = (0x80 if fin else 0) | opcode
+    if n < 126:
+        return bytes((first, n)) + payload
+    if n < 65536:
+        return bytes((first, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((first, 127)) + n.to_bytes(8, "big") + payload
+
+
+@pytest.mark.parametrize("size", [0, 2, 125, 126, 65535, 65536])
+def test_client_frames_are_masked_with_every_length_encoding(size: int) -> None:
+    payload = bytes(i % 251 for i in range(size))
+    assert unmask(mask_frame(1, payload)) == (1, payload)
+
+
+def upgraded_device(shared: Shared) -> tuple[Device, FakeTransport, asyncio.Future[float]]:
+    """A device that has sent its upgrade request, and the 101 answer fed back byte by byte."""
+    waiter = asyncio.get_running_loop().create_future()
+    device, transport = Device(shared, waiter), FakeTransport()
+    device.connection_made(transport)
+    request = transport.written.pop()
+    key = re.search(rb"Sec-WebSocket-Key: (\S+)\r\n", request).group(1)
+    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+    answer = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Protocol: push-notification\r\nSec-WebSocket-Accept: "
+        + accept
+        + b"\r\n\r\n"
+    )
+    for i in range(len(answer)):
+        device.data_received(answer[i : i + 1])
+    return device, transport, waiter
+
+
+def test_device_sets_up_acks_answers_pings_and_counts_a_server_close() -> None:
+    async def scenario() -> None:
+        endpoints: list[str] = []
+
+        def endpoint(url: str) -> tuple[HttpPool, bytes]:
+            endpoints.append(url)
+            return HttpPool(Target("h", "127.0.0.1", 1), "127.0.0.1", 1), b"/update/x"
+
+        shared = Shared("127.0.0.1:1", "/", endpoint)
+        device, transport, waiter = upgraded_device(shared)
+        assert unmask(transport.written.pop()) == (
+            1,
+            b'{"messageType":"hello","uaid":"","channelIDs":[]}',
+        )
+        hello = server_frame(b'{"messageType":"hello","uaid":"abc","status":200}')
+        device.data_received(hello[:3])
+        device.data_received(hello[3:])
+        register = json.loads(unmask(transport.written.pop())[1])
+        assert register["messageType"] == "register"
+        chid = register["channelID"]
+        reply = {"messageType": "register", "channelID": chid, "status": 200, "pushEndpoint": "E"}
+        device.data_received(server_frame(json.dumps(reply).encode()))
+        assert waiter.done() and device.ready and endpoints == ["E"]
+
+        # A notification in a 16-bit-length frame, with a ping control frame in the same read.
+        got = device.expect(7)
+        note = {"messageType": "notification", "updates": [{"channelID": chid, "version": 7}]}
+        note["padding"] = "x" * 200  # unknown keys are ignored
+        device.data_received(server_frame(json.dumps(note).encode()) + server_frame(b"hi", 9))
+        assert got.done()
+        assert unmask(transport.written[0]) == (1, ACK % (chid.encode(), 7))
+        assert unmask(transport.written[1]) == (10, b"hi")
+        transport.written.clear()
+
+        # Other channels and versions are acked too, as they came.
+        device.data_received(
+            server_frame(
+                b'{"messageType":"notification","updates":[{"channelID":"o","version":3}]}'
+            )
+        )
+        ack = json.loads(unmask(transport.written.pop())[1])
+        assert ack == {"messageType": "ack", "updates": [{"channelID": "o", "version": 3}]}
+
+        device.ping()
+        assert unmask(transport.written.pop()) == (1, b"{}")
+        assert shared.awaiting_pong == 1
+        device.data_received(server_frame(b"{}"))
+        assert (shared.pongs, shared.awaiting_pong) == (1, 0)
+
+        device.data_received(server_frame((1001).to_bytes(2, "big"), 8))
+        assert unmask(transport.written.pop()) == (8, (1001).to_bytes(2, "big"))
+        assert transport.closed and not device.ready
+        assert (shared.dropped, shared.protocol_errors) == (1, 0)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        server_frame(b'{"messageType"', fin=False),  # fragmented text
+        server_frame(b"\x00\x01", 2),  # binary
+        b"\x81\x82abcd\x00\x00",  # masked server frame
+        server_frame(b"not json"),
+    ],
+)
+def test_device_closes_on_protocol_errors_instead_of_waiting(frame: bytes) -> None:
+    async def scenario() -> None:
+        shared = Shared("h", "/", lambda url: (None, b""))  # type: ignore[arg-type,return-value]
+        device, transport, waiter = upgraded_device(shared)
+        device.state = READY  # as if registered
+        device.data_received(frame)
+        assert transport.closed and not device.ready
+        assert (shared.protocol_errors, shared.dropped) == (1, 0)
+        waiter.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_device_reports_a_bad_handshake_as_a_setup_error() -> None:
+    async def scenario() -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        device, transport = Device(Shared("h", "/", print), waiter), FakeTransport()  # type: ignore[arg-type]
+        device.connection_made(transport)
+        device.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        assert transport.closed
+        with pytest.raises(Exception, match="handshake"):
+            await waiter
+
+    asyncio.run(scenario())
+
+
+def test_http_conn_reads_length_chunked_and_close_delimited_responses() -> None:
+    async def scenario() -> None:
+        pool = HttpPool(Target("h", "127.0.0.1", 1), "127.0.0.1", 1)
+        conn, transport = HttpConn(pool), FakeTransport()
+        conn.connection_made(transport)
+
+        status = conn.request(b"PUT / HTTP/1.1\r\n\r\n")
+        conn.data_received(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{"
+        )
+        assert not status.done()
+        conn.data_received(b"}")
+        assert status.result() == 200 and not transport.closed
+
+        status = conn.request(b"PUT / HTTP/1.1\r\n\r\n")
+        body = b"HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+        for i in range(len(body)):
+            conn.data_received(body[i : i + 1])
+        assert status.result() == 202 and not transport.closed
+
+        status = conn.request(b"PUT / HTTP/1.1\r\n\r\n")
+        conn.data_received(
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        assert status.result() == 404 and transport.closed
+
+        conn, transport = HttpConn(pool), FakeTransport()
+        conn.connection_made(transport)
+        status = conn.request(b"PUT / HTTP/1.0\r\n\r\n")
+        conn.data_received(b"HTTP/1.0 200 OK\r\n\r\nbody until EOF")
+        assert not status.done()
+        conn.connection_lost(None)
+        assert status.result() == 200
+
+    asyncio.run(scenario())
+
+
+def test_chunked_end_needs_the_whole_body() -> None:
+    body = bytearray(b"4;ext=1\r\nabcd\r\n0\r\nTrailer: x\r\n\r\nNEXT")
+    assert chunked_end(body) == len(body) - 4
+    assert chunked_end(body[:-6]) is None
+
+
+def test_source_ips_and_percentiles() -> None:
+    assert parse_source_ips("127.0.0.1-127.0.0.3") == ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+    assert parse_source_ips("2") == ("127.0.0.1", "127.0.0.2")
+    assert parse_source_ips("127.0.0.5,127.0.0.9") == ("127.0.0.5", "127.0.0.9")
+    assert percentiles([float(i) for i in range(1, 101)]) == {
+        "p50": 50.0,
+        "p95": 95.0,
+        "p99": 99.0,
+        "max": 100.0,
+    }
+    assert percentiles([]) == {"p50": None, "p95": None, "p99": None, "max": None}
+
+
+# --- whole runs against the real server ---------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    port: int
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    """`python -m simplepush.cli` on a free port with the memory store; killed at teardown."""
+    port = free_port()
+    config = tmp_path / "server.ini"
+    config.write_text(
+        f"[server]\nport = {port}\nendpoint_url = http://127.0.0.1:{port}\n"
+        f"token_key = {base64.urlsafe_b64encode(os.urandom(32)).decode()}\n"  # a Fernet key
+        f"[logging]\noutput = {tmp_path / 'server.log'}\n"
+        "level = warning\n",
+        encoding="utf-8",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simplepush.cli", "--config", str(config)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        assert proc.poll() is None, f"server exited {proc.returncode}"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=1):
+                break
+        except OSError:
+            assert time.monotonic() < deadline, "server did not answer /status"
+            time.sleep(0.05)
+    yield Server(proc, port)
+    proc.kill()
+    proc.wait(timeout=START_TIMEOUT)
+
+
+def bench_command(server: Server, report: Path, *options: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "simplepush.bench.cli",
+        "--url",
+        f"ws://127.0.0.1:{server.port}/",
+        "--pid",
+        str(server.proc.pid),
+        "--json",
+        str(report),
+        "--timeout",
+        str(BENCH_TIMEOUT - 10),
+        *options,
+    ]
+
+
+def number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def test_bench_runs_every_phase_against_the_server(server: Server, tmp_path: Path) -> None:
+    devices = 50
+    path = tmp_path / "report.json"
+    options = ["-n", str(devices), "-p", "2", "--phases", "setup,closed,open,soak", "-d", "2"]
+    options += [
+        "-c",
+        "8",
+        "--rate",
+        "50",
+        "--ping-interval",
+        "1",
+        "--source-ips",
+        "127.0.0.1-127.0.0.2",
+    ]
+    done = subprocess.run(
+        bench_command(server, path, *options),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=BENCH_TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "round trips/s" in done.stderr  # the human table
+    report = json.loads(path.read_text())
+    assert report["completed"] is True and report["aborted"] is None
+    assert report["server_processes"] == [server.proc.pid]
+    phases, summary = report["phases"], report["summary"]
+    assert list(phases) == ["setup", "closed", "open", "soak"]
+
+    setup = phases["setup"]
+    assert setup["devices_connected"] == devices == setup["devices_at_end"]
+    assert setup["setup_errors"] == 0 and setup["setup_errors_by_kind"] == {}
+    assert setup["setup_rate_per_s"] > 0
+    assert setup["server_cpu_ms_per_setup"] > 0
+    assert setup["rss_kb_per_device_total"] > 0
+    # The delta is a difference of two RSS readings: usually positive, but not a law.
+    assert number(setup["rss_kb_per_device_setup_delta"])
+
+    for name in ("closed", "open"):
+        loop = phases[name]
+        assert loop["round_trips"] > 0 and loop["round_trips"] == loop["puts_sent"]
+        latency = loop["latency_ms"]
+        assert 0 <= latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
+        assert (loop["errors"], loop["timeouts"], loop["stored"]) == (0, 0, 0)
+        assert loop["server_cpu_us_per_round_trip"] > 0
+        assert loop["client_cpu_us_per_round_trip"] > 0
+        assert loop["sockets_dropped"] == 0 and loop["devices_at_end"] == devices
+    assert phases["open"]["skipped_no_idle_channel"] == 0
+
+    soak = phases["soak"]
+    assert soak["pings_sent"] > 0 and soak["pongs_received"] == soak["pings_sent"]
+    assert soak["pings_unanswered"] == 0
+    assert soak["sockets_dropped"] == 0 and soak["devices_at_end"] == devices
+    assert soak["server_rss_kb_after"] > 0
+
+    assert summary["devices_connected"] == devices
+    assert (summary["setup_errors"], summary["errors"], summary["timeouts"]) == (0, 0, 0)
+    assert summary["sockets_dropped"] == 0
+    assert summary["latency_ms_p50"] <= summary["latency_ms_p95"] <= summary["latency_ms_p99"]
+    for key in (
+        "setup_rate_per_s",
+        "server_cpu_ms_per_setup",
+        "round_trips_per_s",
+        "server_cpu_us_per_round_trip",
+        "client_cpu_us_per_round_trip",
+        "rss_kb_per_device_total",
+    ):
+        assert summary[key] > 0, key
+    assert number(summary["rss_kb_per_device_setup_delta"])
+
+
+def test_soak_counts_the_sockets_of_a_killed_server_as_dropped(
+    server: Server, tmp_path: Path
+) -> None:
+    devices = 20
+    path = tmp_path / "report.json"
+    options = ["-n", str(devices), "-p", "2", "--phases", "soak", "--soak-duration", "4"]
+    bench = subprocess.Popen(
+        bench_command(server, path, *options, "--ping-interval", "1"),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert bench.stderr is not None
+        for line in bench.stderr:  # the bench exits by itself within --timeout
+            if "phase soak starts" in line:
+                break
+        time.sleep(1)  # into the 4 s soak; a drop just before it would count in it too
+        server.proc.send_signal(signal.SIGKILL)
+        _, err = bench.communicate(timeout=BENCH_TIMEOUT)
+    finally:
+        bench.kill()
+    assert bench.returncode == 0, err
+    report = json.loads(path.read_text())
+    soak = report["phases"]["soak"]
+    assert report["phases"]["setup"]["devices_connected"] == devices
+    assert soak["sockets_dropped"] == devices == report["summary"]["sockets_dropped"]
+    assert soak["devices_at_end"] == 0
+    assert soak["server_cpu_ms"] is None  # nothing left to sample
