@@ -18,13 +18,12 @@ from simplepush.protocol import Ack, Drop, Hello, Ping, Register, Reject, Unregi
 from simplepush.registry import SUPERSEDED
 from simplepush.store import Holder, StoreError
 from simplepush.updates import Update
-
-# RFC 6455 close codes the session chooses
-PROTOCOL_ERROR = 1002
-UNSUPPORTED_DATA = 1003
-INVALID_PAYLOAD = 1007
-POLICY_VIOLATION = 1008
-SERVER_ERROR = 1011
+from simplepush.wsframes import (
+    INVALID_PAYLOAD,
+    POLICY_VIOLATION,
+    SERVER_ERROR,
+    UNSUPPORTED_DATA,
+)
 
 
 class Transport(Protocol):

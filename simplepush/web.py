@@ -6,21 +6,20 @@ router and translate outcomes back; no protocol rule lives here.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from typing import Any
 
-from tornado.httputil import parse_qs_bytes
-from tornado.ioloop import IOLoop
+from tornado.httputil import HTTPHeaders, parse_qs_bytes
 from tornado.web import Application, HTTPError, RequestHandler
-from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from simplepush import __version__
+from simplepush.connection import DeviceConnection
 from simplepush.logs import event
 from simplepush.node import Node
 from simplepush.router import Delivery
-from simplepush.session import POLICY_VIOLATION, Session
 from simplepush.store import StoreError
 from simplepush.updates import (
     DataTooLong,
@@ -29,78 +28,59 @@ from simplepush.updates import (
     form_value,
     parse_version,
 )
+from simplepush.wsframes import accept_key
 
 SUBPROTOCOL = "push-notification"
 _FORM = "application/x-www-form-urlencoded"
 
 
-class DeviceSocket(WebSocketHandler):
-    """A device's WebSocket; it is the session's Transport."""
+class DeviceSocket(RequestHandler):
+    """The WebSocket upgrade; the socket then belongs to a DeviceConnection (see wsframes.py)."""
 
     def initialize(self, node: Node) -> None:
         self._node = node
-        self._session: Session | None = None
-        self._hello_timer: object | None = None
 
-    async def get(self, *args: Any, **kwargs: Any) -> None:
+    async def get(self, *args: str) -> None:
         node = self._node
         if len(node.registry) >= node.max_connections:
             event(logging.WARNING, "websocket.refused", reason="max_connections")
             raise HTTPError(503, reason="Too Many Connections")
-        await super().get(*args, **kwargs)
+        handshake = _handshake(self.request.headers)
+        if isinstance(handshake, HTTPError):
+            if handshake.status_code == 426:
+                self.set_header("Sec-WebSocket-Version", "13")
+            raise handshake
+        stream = self.detach()
+        # The asyncio transport gets its own descriptor; closing the stream
+        # then unhooks Tornado from the socket without touching the connection.
+        sock = stream.socket.dup()
+        stream.close()
+        loop = asyncio.get_running_loop()
+        await loop.connect_accepted_socket(lambda: DeviceConnection(node, handshake), sock=sock)
 
-    def check_origin(self, origin: str) -> bool:
-        """Devices and browsers connect from anywhere; there is no cookie to protect."""
-        return True
 
-    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
-        return SUBPROTOCOL if SUBPROTOCOL in subprotocols else None
-
-    def open(self, *args: str, **kwargs: str) -> None:
-        node = self._node
-        self._session = Session(node, self, time.time())
-        node.registry.connections.add(self._session)
-        node.metrics.incr("client.socket.connect")
-        if node.hello_timeout > 0:
-            self._hello_timer = IOLoop.current().call_later(node.hello_timeout, self._hello_expired)
-
-    def _hello_expired(self) -> None:
-        self._hello_timer = None
-        if self._session is not None and self._session.key is None:
-            self._session.close(POLICY_VIOLATION, "hello timeout")
-
-    async def on_message(self, message: str | bytes) -> None:
-        session = self._session
-        if type(message) is bytes:
-            session.receive_binary()
-            return
-        await session.receive(message)
-        if self._hello_timer is not None and session.key is not None:
-            IOLoop.current().remove_timeout(self._hello_timer)
-            self._hello_timer = None
-
-    def send(self, text: str) -> bool:
-        connection = self.ws_connection
-        if connection is None or connection.is_closing():
-            return False
-        try:
-            self.write_message(text)
-        except WebSocketClosedError:
-            return False
-        return True
-
-    def on_close(self) -> None:
-        session = self._session
-        if session is None:
-            return
-        node = self._node
-        if self._hello_timer is not None:
-            IOLoop.current().remove_timeout(self._hello_timer)
-            self._hello_timer = None
-        session.on_closed()
-        node.registry.connections.discard(session)
-        node.metrics.incr("client.socket.disconnect")
-        node.metrics.timing("client.socket.lifespan", (time.time() - session.connected_at) * 1000)
+def _handshake(headers: HTTPHeaders) -> bytes | HTTPError:
+    """The 101 response for a valid upgrade request (RFC 6455 4.2), or the error to answer."""
+    if headers.get("Upgrade", "").lower() != "websocket":
+        return HTTPError(400, reason='Can "Upgrade" only to "WebSocket".')
+    tokens = {token.strip().lower() for token in headers.get("Connection", "").split(",")}
+    if "upgrade" not in tokens:
+        return HTTPError(400, reason='"Connection" must be "Upgrade".')
+    if headers.get("Sec-WebSocket-Version") != "13":
+        return HTTPError(426, reason="Upgrade Required")
+    key = headers.get("Sec-WebSocket-Key")
+    if not key or not key.isascii():
+        return HTTPError(400, reason="Missing Sec-WebSocket-Key")
+    lines = [
+        "HTTP/1.1 101 Switching Protocols",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Accept: {accept_key(key)}",
+    ]
+    offered = headers.get("Sec-WebSocket-Protocol", "")
+    if SUBPROTOCOL in (part.strip() for part in offered.split(",")):
+        lines.append(f"Sec-WebSocket-Protocol: {SUBPROTOCOL}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 
 
 class JSONHandler(RequestHandler):

@@ -1,0 +1,169 @@
+"""A device's WebSocket after the upgrade: an asyncio Protocol that is the session's Transport.
+
+One small object per socket, fed by `data_received` callbacks: no stream
+object, no coroutine waiting per socket (see wsframes.py for why). Frames
+of one socket are handled strictly in order, one at a time, because a
+session's state (hello, then commands) depends on that order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+
+from simplepush import wsframes
+from simplepush.logs import event
+from simplepush.node import Node
+from simplepush.session import Session
+from simplepush.wsframes import CLOSE, PING, TEXT, FrameError, FrameReader
+
+# Frames up to this size are read; a longer field is answered, not dropped.
+MAX_MESSAGE = 256 * 1024
+# How long a closing socket waits for the device's close frame before it is cut.
+CLOSE_TIMEOUT = 5.0
+
+_OPEN, _CLOSING, _CLOSED = 0, 1, 2
+
+
+class DeviceConnection(asyncio.Protocol):
+    __slots__ = (
+        "_close_timer",
+        "_handshake",
+        "_hello_timer",
+        "_inbox",
+        "_node",
+        "_reader",
+        "_state",
+        "_task",
+        "_transport",
+        "session",
+    )
+
+    def __init__(self, node: Node, handshake: bytes) -> None:
+        self._node = node
+        self._handshake = handshake
+        self._reader = FrameReader(MAX_MESSAGE)
+        self._transport: asyncio.Transport | None = None
+        self._state = _OPEN
+        self._task: asyncio.Future[None] | None = None  # the one handling frames now
+        self._inbox: deque[str | None] | None = None
+        self._hello_timer: asyncio.TimerHandle | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+        self.session = Session(node, self, time.time())
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        transport.write(self._handshake)
+        self._handshake = b""
+        node = self._node
+        node.registry.connections.add(self.session)
+        node.metrics.incr("client.socket.connect")
+        if node.hello_timeout > 0:
+            self._hello_timer = asyncio.get_running_loop().call_later(
+                node.hello_timeout, self._hello_expired
+            )
+
+    def _hello_expired(self) -> None:
+        self._hello_timer = None
+        if self.session.key is None:
+            self.session.close(wsframes.POLICY_VIOLATION, "hello timeout")
+
+    def data_received(self, data: bytes) -> None:
+        if self._state == _CLOSED:
+            return
+        try:
+            messages = self._reader.feed(data)
+            for opcode, payload in messages:
+                if opcode == TEXT:
+                    if self._state == _OPEN:
+                        self._enqueue(payload.decode("utf-8"))
+                elif opcode == CLOSE:
+                    self._peer_closed(payload)
+                elif opcode == PING:
+                    self._transport.write(wsframes.encode(wsframes.PONG, payload))
+                elif opcode == wsframes.BINARY and self._state == _OPEN:
+                    self._enqueue(None)
+        except FrameError as exc:
+            self._fail(exc.code, exc.reason)
+        except UnicodeDecodeError:
+            self._fail(wsframes.INVALID_PAYLOAD, "text frame is not UTF-8")
+
+    def _enqueue(self, text: str | None) -> None:
+        """None stands for a binary frame, which the session refuses in its turn."""
+        if self._task is not None:
+            if self._inbox is None:
+                self._inbox = deque()
+            self._inbox.append(text)
+            return
+        self._task = asyncio.ensure_future(self._drain(text))
+
+    async def _drain(self, text: str | None) -> None:
+        session = self.session
+        try:
+            while True:
+                if text is None:
+                    session.receive_binary()
+                else:
+                    await session.receive(text)
+                if self._hello_timer is not None and session.key is not None:
+                    self._hello_timer.cancel()
+                    self._hello_timer = None
+                if not self._inbox or self._state != _OPEN:
+                    return
+                text = self._inbox.popleft()
+        except Exception:
+            logging.getLogger("simplepush").exception("websocket.error")
+            session.close(wsframes.SERVER_ERROR, "internal error")
+        finally:
+            self._task = None
+
+    def send(self, text: str) -> bool:
+        if self._state != _OPEN:
+            return False
+        self._transport.write(wsframes.encode(TEXT, text.encode("utf-8")))
+        return True
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake; the socket is cut if the device does not answer."""
+        if self._state != _OPEN:
+            return
+        self._state = _CLOSING
+        self._inbox = None
+        self._transport.write(wsframes.encode_close(code, reason))
+        self._close_timer = asyncio.get_running_loop().call_later(
+            CLOSE_TIMEOUT, self._transport.abort
+        )
+
+    def _peer_closed(self, payload: bytes) -> None:
+        code, _reason = wsframes.parse_close(payload)
+        if self._state == _OPEN:
+            reply = b"" if code == wsframes.NO_STATUS else payload[:2]
+            self._transport.write(wsframes.encode(CLOSE, reply))
+            event(logging.DEBUG, "websocket.closed_by_device", code=code)
+        self._state = _CLOSED
+        self._transport.close()
+
+    def _fail(self, code: int, reason: str) -> None:
+        """The device broke framing: nothing more it sends can be trusted, so cut now."""
+        event(logging.INFO, "websocket.dropped", reason=reason, code=code)
+        if self._state == _OPEN:
+            self._transport.write(wsframes.encode_close(code, reason))
+        self._state = _CLOSED
+        self._transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._state = _CLOSED
+        self._inbox = None
+        for timer in (self._hello_timer, self._close_timer):
+            if timer is not None:
+                timer.cancel()
+        self._hello_timer = self._close_timer = None
+        session = self.session
+        session.on_closed()
+        node = self._node
+        node.registry.connections.discard(session)
+        node.metrics.incr("client.socket.disconnect")
+        node.metrics.timing("client.socket.lifespan", (time.time() - session.connected_at) * 1000)
