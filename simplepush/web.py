@@ -10,28 +10,30 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable
+from http.client import responses
 from typing import Any
 
-from tornado.httputil import HTTPHeaders, parse_qs_bytes
+from tornado.httputil import (
+    HTTPConnection,
+    HTTPHeaders,
+    HTTPMessageDelegate,
+    HTTPServerConnectionDelegate,
+    RequestStartLine,
+    ResponseStartLine,
+    format_timestamp,
+)
 from tornado.web import Application, HTTPError, RequestHandler
 
-from simplepush import __version__
+from simplepush import __version__, endpoint
 from simplepush.connection import DeviceConnection
 from simplepush.logs import event
 from simplepush.node import Node
-from simplepush.router import Delivery
 from simplepush.store import StoreError
-from simplepush.updates import (
-    DataTooLong,
-    RejectedUpdate,
-    check_data,
-    form_value,
-    parse_version,
-)
 from simplepush.wsframes import accept_key
 
 SUBPROTOCOL = "push-notification"
-_FORM = "application/x-www-form-urlencoded"
+UPDATE_PREFIX = "/update/"
 
 
 class DeviceSocket(RequestHandler):
@@ -100,10 +102,7 @@ class JSONHandler(RequestHandler):
 
 
 class UpdateHandler(JSONHandler):
-    """PUT /update/<token>: an app server announces a new version."""
-
-    def initialize(self, node: Node) -> None:
-        self._node = node
+    """Every method on /update/<token> but PUT, which UpdateRequest serves."""
 
     def set_default_headers(self) -> None:
         super().set_default_headers()
@@ -120,47 +119,127 @@ class UpdateHandler(JSONHandler):
             self.set_header("Allow", "PUT, OPTIONS")
         super().write_error(status_code, **kwargs)
 
-    async def put(self, token: str) -> None:
-        node = self._node
-        start = time.monotonic()
-        node.metrics.incr("updates.appserver.incoming")
-        try:
-            form, query = self._form(), self.request.query_arguments
-            version = parse_version(form_value(form, query, "version"), int(time.time()))
-            data = check_data(form_value(form, query, "data"))
-        except RejectedUpdate as exc:
-            too_long = isinstance(exc, DataTooLong)
-            node.metrics.incr(
-                "updates.appserver.toolong" if too_long else "updates.appserver.invalid"
-            )
-            self.write_json(exc.status, {"status": exc.status, "error": exc.error})
-            return
-        ids = node.tokens.decode(token)
-        if ids is None:
-            node.metrics.incr("updates.appserver.invalid")
-            self.write_json(404, {"status": 404, "error": "Invalid Token"})
-            return
-        try:
-            delivery = await node.router.notify(ids[0], ids[1], version, data)
-        except StoreError as exc:
-            node.metrics.incr("updates.appserver.error")
-            event(logging.ERROR, "storage.error", error=str(exc))
-            self.set_header("Retry-After", "5")
-            self.write_json(503, {"status": 503, "error": "Service Unavailable"})
-            return
-        if delivery is Delivery.UNKNOWN_CHANNEL:
-            node.metrics.incr("updates.appserver.rejected")
-            self.write_json(404, {"status": 404, "error": "Unknown Channel"})
-            return
-        node.metrics.timing("updates.handled", (time.monotonic() - start) * 1000)
-        self.write_json(delivery.value, {})
 
-    def _form(self) -> dict[str, list[bytes]]:
-        """The body counts when Content-Type is absent or form (PROTOCOL.md 4.3)."""
-        content_type = self.request.headers.get("Content-Type")
-        if content_type is None or content_type.split(";", 1)[0].strip().lower() == _FORM:
-            return parse_qs_bytes(self.request.body, keep_blank_values=True)
-        return {}
+class FrontDoor(HTTPServerConnectionDelegate):
+    """Sends PUT /update/ straight to UpdateRequest, everything else to the Application.
+
+    Why: tornado.web's routing and RequestHandler cost more per PUT than
+    storing and delivering the update (see docs/PERFORMANCE.md); the
+    endpoint needs none of their features.
+    """
+
+    def __init__(self, app: Application, node: Node) -> None:
+        self.app = app
+        self._node = node
+
+    def start_request(
+        self, server_conn: object, request_conn: HTTPConnection
+    ) -> HTTPMessageDelegate:
+        return _Dispatch(self, server_conn, request_conn)
+
+    def on_close(self, server_conn: object) -> None:
+        self.app.on_close(server_conn)
+
+
+class _Dispatch(HTTPMessageDelegate):
+    """Picks the delegate once the request line is known."""
+
+    def __init__(self, door: FrontDoor, server_conn: object, request_conn: HTTPConnection) -> None:
+        self._door = door
+        self._server_conn = server_conn
+        self._request_conn = request_conn
+        self._target: HTTPMessageDelegate | None = None
+
+    def headers_received(
+        self, start_line: RequestStartLine | ResponseStartLine, headers: HTTPHeaders
+    ) -> Awaitable[None] | None:
+        assert isinstance(start_line, RequestStartLine)
+        door = self._door
+        if start_line.method == "PUT" and start_line.path.startswith(UPDATE_PREFIX):
+            self._target = UpdateRequest(door._node, self._request_conn)
+        else:
+            self._target = door.app.start_request(self._server_conn, self._request_conn)
+        return self._target.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        return self._target.data_received(chunk)
+
+    def finish(self) -> None:
+        self._target.finish()
+
+    def on_connection_close(self) -> None:
+        if self._target is not None:
+            self._target.on_connection_close()
+
+
+class UpdateRequest(HTTPMessageDelegate):
+    """PUT /update/<token> on Tornado's HTTP/1.1 connection, answered by endpoint.update."""
+
+    def __init__(self, node: Node, connection: HTTPConnection) -> None:
+        self._node = node
+        self._connection = connection
+        self._path = ""
+        self._content_type: str | None = None
+        self._chunks: list[bytes] = []
+        self._gone = False
+        self._task: asyncio.Future[None] | None = None
+
+    def headers_received(
+        self, start_line: RequestStartLine | ResponseStartLine, headers: HTTPHeaders
+    ) -> None:
+        assert isinstance(start_line, RequestStartLine)
+        self._path = start_line.path
+        self._content_type = headers.get("Content-Type")
+
+    def data_received(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+
+    def finish(self) -> None:
+        self._task = asyncio.ensure_future(self._respond())
+
+    def on_connection_close(self) -> None:
+        self._gone = True
+
+    async def _respond(self) -> None:
+        start = time.monotonic()
+        path, _, query = self._path.partition("?")
+        try:
+            answer = await endpoint.update(
+                self._node,
+                path[len(UPDATE_PREFIX) :],
+                self._content_type,
+                b"".join(self._chunks),
+                query,
+            )
+        except Exception:
+            logging.getLogger("simplepush").exception("update.error")
+            answer = endpoint.Answer(500, b'{"status":500,"error":"Internal Server Error"}')
+        if self._gone:
+            return
+        headers = HTTPHeaders(
+            {
+                "Content-Type": "application/json",
+                "Content-Length": str(len(answer.body)),
+                "Access-Control-Allow-Origin": "*",
+                "Date": format_timestamp(time.time()),
+            }
+        )
+        if answer.retry_after:
+            headers["Retry-After"] = endpoint.RETRY_AFTER
+        self._connection.write_headers(
+            ResponseStartLine("HTTP/1.1", answer.status, responses[answer.status]),
+            headers,
+            answer.body,
+        )
+        self._connection.finish()
+        event(
+            logging.WARNING if answer.status >= 500 else logging.DEBUG,
+            "http.request",
+            method="PUT",
+            path=UPDATE_PREFIX,
+            status=answer.status,
+            duration_ms=round((time.monotonic() - start) * 1000, 3),
+        )
 
 
 class StatusHandler(JSONHandler):
@@ -201,17 +280,18 @@ class RealStatusHandler(JSONHandler):
         )
 
 
-def make_app(node: Node) -> Application:
+def make_app(node: Node) -> FrontDoor:
     args = {"node": node}
-    return Application(
+    app = Application(
         [
-            (r"/update/(.*)", UpdateHandler, args),
+            (r"/update/(.*)", UpdateHandler),
             (r"/status/?", StatusHandler, args),
             (r"/realstatus/?", RealStatusHandler, args),
             (r".*", DeviceSocket, args),
         ],
         log_function=_log_request,
     )
+    return FrontDoor(app, node)
 
 
 def _log_request(handler: RequestHandler) -> None:

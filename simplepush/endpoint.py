@@ -1,0 +1,81 @@
+"""The app-server face: what a PUT to an endpoint means and what it is answered.
+
+Kept apart from Tornado so the rules of PROTOCOL.md section 4 read in one
+place; web.py only moves bytes in and out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from tornado.httputil import parse_qs_bytes
+
+from simplepush.logs import event
+from simplepush.node import Node
+from simplepush.router import Delivery
+from simplepush.store import StoreError
+from simplepush.updates import DataTooLong, RejectedUpdate, check_data, form_value, parse_version
+
+FORM = "application/x-www-form-urlencoded"
+RETRY_AFTER = "5"
+
+
+@dataclass(slots=True, frozen=True)
+class Answer:
+    status: int
+    body: bytes
+    retry_after: bool = False
+
+
+ACCEPTED = {Delivery.DELIVERED: Answer(200, b"{}"), Delivery.STORED: Answer(202, b"{}")}
+
+
+def _error(status: int, text: str, retry_after: bool = False) -> Answer:
+    return Answer(status, b'{"status":%d,"error":"%s"}' % (status, text.encode()), retry_after)
+
+
+INVALID_TOKEN = _error(404, "Invalid Token")
+UNKNOWN_CHANNEL = _error(404, "Unknown Channel")
+UNAVAILABLE = _error(503, "Service Unavailable", retry_after=True)
+
+
+def form(content_type: str | None, body: bytes) -> dict[str, list[bytes]]:
+    """The body counts when Content-Type is absent or form (PROTOCOL.md 4.3)."""
+    if content_type is None or content_type.split(";", 1)[0].strip().lower() == FORM:
+        return parse_qs_bytes(body, keep_blank_values=True)
+    return {}
+
+
+async def update(
+    node: Node, token: str, content_type: str | None, body: bytes, query: str
+) -> Answer:
+    """Validate, store, deliver; the version is checked before the token (as pushgo)."""
+    metrics = node.metrics
+    start = time.monotonic()
+    metrics.incr("updates.appserver.incoming")
+    try:
+        fields = form(content_type, body)
+        args = parse_qs_bytes(query, keep_blank_values=True) if query else {}
+        version = parse_version(form_value(fields, args, "version"), int(time.time()))
+        data = check_data(form_value(fields, args, "data"))
+    except RejectedUpdate as exc:
+        too_long = isinstance(exc, DataTooLong)
+        metrics.incr("updates.appserver.toolong" if too_long else "updates.appserver.invalid")
+        return _error(exc.status, exc.error)
+    ids = node.tokens.decode(token)
+    if ids is None:
+        metrics.incr("updates.appserver.invalid")
+        return INVALID_TOKEN
+    try:
+        delivery = await node.router.notify(ids[0], ids[1], version, data)
+    except StoreError as exc:
+        metrics.incr("updates.appserver.error")
+        event(logging.ERROR, "storage.error", op="update", error=str(exc))
+        return UNAVAILABLE
+    if delivery is Delivery.UNKNOWN_CHANNEL:
+        metrics.incr("updates.appserver.rejected")
+        return UNKNOWN_CHANNEL
+    metrics.timing("updates.handled", (time.monotonic() - start) * 1000)
+    return ACCEPTED[delivery]
