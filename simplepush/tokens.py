@@ -17,9 +17,16 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,512}")
 
 
+# App servers PUT to the same endpoints again and again; remembering recent
+# good tokens skips an HMAC and an AES decryption per PUT (docs/PERFORMANCE.md).
+CACHE_SIZE = 16384
+
+
 class TokenCodec:
-    def __init__(self, keys: list[str]) -> None:
+    def __init__(self, keys: list[str], cache_size: int = CACHE_SIZE) -> None:
         self._fernet = MultiFernet([Fernet(key) for key in keys])
+        self._cache: dict[str, tuple[str, str]] = {}
+        self._cache_size = cache_size
 
     def encode(self, uaid: str, chid: str) -> str:
         """uaid and chid are 32-hex keys; '=' padding is dropped to keep URLs clean."""
@@ -28,6 +35,18 @@ class TokenCodec:
 
     def decode(self, token: str) -> tuple[str, str] | None:
         """(uaid, chid) or None for anything that is not a token we issued."""
+        ids = self._cache.get(token)
+        if ids is not None:
+            return ids
+        ids = self._decrypt(token)
+        if ids is not None:
+            cache = self._cache
+            if len(cache) >= self._cache_size:
+                del cache[next(iter(cache))]  # the oldest entry
+            cache[token] = ids
+        return ids
+
+    def _decrypt(self, token: str) -> tuple[str, str] | None:
         if _TOKEN.fullmatch(token) is None:
             return None
         raw = token.encode("ascii")

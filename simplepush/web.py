@@ -49,9 +49,11 @@ class DeviceSocket(RequestHandler):
             raise HTTPError(503, reason="Too Many Connections")
         handshake = _handshake(self.request.headers)
         if isinstance(handshake, HTTPError):
+            self.set_status(handshake.status_code, handshake.reason)
             if handshake.status_code == 426:
                 self.set_header("Sec-WebSocket-Version", "13")
-            raise handshake
+            self.finish()
+            return
         stream = self.detach()
         # The asyncio transport gets its own descriptor; closing the stream
         # then unhooks Tornado from the socket without touching the connection.

@@ -64,7 +64,9 @@ def encode(opcode: int, payload: bytes) -> bytes:
 
 
 def encode_close(code: int, reason: str = "") -> bytes:
-    return encode(CLOSE, _U16.pack(code) + reason.encode("utf-8")[:120])
+    """A close frame; the reason is cut to fit a control frame without splitting a character."""
+    text = reason.encode("utf-8")[:120].decode("utf-8", "ignore").encode("utf-8")
+    return encode(CLOSE, _U16.pack(code) + text)
 
 
 def unmask(mask: bytes, payload: bytes) -> bytes:

@@ -785,3 +785,14 @@ def test_generated_keys_are_valid_and_distinct():
 )
 def test_invalid_keys(key):
     assert not is_valid_key(key)
+
+
+def test_token_cache_answers_repeats_and_stays_bounded():
+    """Cached decodes give the same ids; the cache never grows past its size."""
+    codec = TokenCodec([generate_key()], cache_size=3)
+    tokens = [codec.encode(uuid.uuid4().hex, uuid.uuid4().hex) for _ in range(5)]
+    first = [codec.decode(token) for token in tokens]
+    assert [codec.decode(token) for token in tokens] == first
+    assert len(codec._cache) == 3
+    assert codec.decode(tokens[0][:-1] + ("A" if tokens[0][-1] != "A" else "B")) is None
+    assert len(codec._cache) == 3
