@@ -38,6 +38,10 @@ class ServerSettings:
 class StorageSettings:
     backend: str = "memory"
     servers: tuple[str, ...] = ("127.0.0.1:11211",)
+    pending_ttl: int = 3 * 86400
+    uaid_ttl: int = 60 * 86400
+    timeout: float = 5.0
+    threads: int = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +88,16 @@ def _seconds(text: str) -> float:
         raise ValueError(f"must be a number of seconds, got {text!r}") from None
     if not 0 <= value <= 86400:
         raise ValueError(f"must be from 0 to 86400 seconds, got {text}")
+    return value
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"must be a number of seconds, got {text!r}") from None
+    if not 0 < value <= 60:
+        raise ValueError(f"must be more than 0 and at most 60 seconds, got {text}")
     return value
 
 
@@ -156,6 +170,10 @@ _SCHEMA: dict[str, dict[str, Callable[[str], object]]] = {
     "storage": {
         "backend": _choice("memory", "memcached"),
         "servers": _host_ports,
+        "pending_ttl": _integer(1, 3650 * 86400),
+        "uaid_ttl": _integer(1, 3650 * 86400),
+        "timeout": _timeout,
+        "threads": _integer(1, 256),
     },
     "logging": {
         "format": _choice("json", "text"),
@@ -213,10 +231,6 @@ def load(path: str) -> Settings:
 
 def _check_together(settings: Settings) -> None:
     path = settings.path
-    if settings.storage.backend == "memcached":
-        raise ConfigError(
-            f"{path}: [storage] backend: memcached is not available in this version; use memory"
-        )
     if settings.server.processes != 1:
         raise ConfigError(
             f"{path}: [server] processes: the memory backend serves one process;"

@@ -5,25 +5,73 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import resource
 import signal
 
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from simplepush import __version__, logs
-from simplepush.config import ConfigError, Settings
+from simplepush.config import ConfigError, Settings, StorageSettings
 from simplepush.logs import event
 from simplepush.metrics import Metrics, NullMetrics
 from simplepush.node import Node
 from simplepush.registry import Registry
 from simplepush.router import Router
+from simplepush.store import Store
+from simplepush.store.memcached import MemcachedStore
 from simplepush.store.memory import MemoryStore
 from simplepush.tokens import TokenCodec, generate_key
 from simplepush.web import make_app
 
 GOING_AWAY = (1001, "server shutting down")
+# Devices reconnect in storms after an outage; Tornado's default of 128 drops them.
+LISTEN_BACKLOG = 4096
+# Descriptors kept free for listeners, log files, storage and peer connections.
+FD_RESERVE = 100
 # Devices get their close frame at once; this bounds the wait for their answers.
 SHUTDOWN_GRACE = 3.0
+
+
+def build_store(storage: StorageSettings) -> Store:
+    """The configured backend; only the memory one loses its state on restart, so it warns."""
+    if storage.backend == "memcached":
+        return MemcachedStore(
+            storage.servers,
+            pending_ttl=storage.pending_ttl,
+            uaid_ttl=storage.uaid_ttl,
+            timeout=storage.timeout,
+            threads=storage.threads,
+        )
+    event(
+        logging.WARNING,
+        "storage.warning",
+        backend="memory",
+        problem="pending updates and registrations do not survive a restart",
+    )
+    return MemoryStore()
+
+
+def socket_capacity(wanted: int) -> int:
+    """Raise the open-file limit as far as allowed; max_connections must fit under it.
+
+    Past the limit accept() fails on every loop turn, so the server refuses
+    upgrades (503) before it gets there.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    usable = max(soft - FD_RESERVE, 1)
+    if wanted > usable:
+        event(
+            logging.WARNING,
+            "config.warning",
+            key="max_connections",
+            problem=f"{wanted} is above the open-file limit: at most {usable} devices",
+        )
+        return usable
+    return wanted
 
 
 def build_node(settings: Settings) -> Node:
@@ -43,13 +91,7 @@ def build_node(settings: Settings) -> Node:
         if metrics_settings.statsd_host
         else NullMetrics()
     )
-    store = MemoryStore()
-    event(
-        logging.WARNING,
-        "storage.warning",
-        backend="memory",
-        problem="pending updates and registrations do not survive a restart",
-    )
+    store = build_store(settings.storage)
     registry = Registry()
     return Node(
         store=store,
@@ -59,7 +101,7 @@ def build_node(settings: Settings) -> Node:
         metrics=metrics,
         endpoint_url=server.endpoint_url,
         max_channels=server.max_channels,
-        max_connections=server.max_connections,
+        max_connections=socket_capacity(server.max_connections),
         hello_timeout=server.hello_timeout,
     )
 
@@ -68,7 +110,7 @@ def listen(settings: Settings) -> list:
     """Bind before anything else starts, so a busy port is a config error (exit 2)."""
     server = settings.server
     try:
-        return bind_sockets(server.port, address=server.host)
+        return bind_sockets(server.port, address=server.host, backlog=LISTEN_BACKLOG)
     except OSError as exc:
         problem = (
             "is already in use"
@@ -107,6 +149,7 @@ async def serve(settings: Settings) -> None:
     while len(node.registry) and loop.time() < deadline:
         await asyncio.sleep(0.05)
     await node.store.close()
+    node.metrics.flush()
     event(logging.INFO, "server.stop", closed_sockets=open_sockets)
 
 

@@ -3,6 +3,10 @@
 The server runs in-process on pytest-tornado's io_loop and listens on a
 real port; devices are Tornado WebSocket clients talking to that port. Mark
 a test `@pytest.mark.server(hello_timeout=0.5)` to change a setting.
+
+Every test using the server runs once per storage backend (test ids end in
+[memory] or [memcached]); the memcached runs share one real memcached
+process, flushed before each test.
 """
 
 from __future__ import annotations
@@ -10,15 +14,25 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from simplepush.config import ServerSettings, Settings
+from simplepush.config import ServerSettings, Settings, StorageSettings
+from simplepush.node import Node
 from simplepush.server import build_node
 from simplepush.tokens import generate_key
 from simplepush.web import make_app
@@ -26,30 +40,117 @@ from simplepush.web import make_app
 # How long a test waits for a frame that must come, and listens for one that must not.
 FRAME_TIMEOUT = 5.0
 SILENCE = 0.3
+# Bounds a wait for memcached to accept connections or to exit.
+MEMCACHED_TIMEOUT = 5.0
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "server(**settings): override [server] settings")
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Memcached:
+    """A real memcached process on 127.0.0.1 that a test may stop and start again."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("memcached")
+        if binary is None:
+            pytest.fail(
+                "the memcached binary is missing; the memcached tests need it:"
+                " apt-get install memcached"
+            )
+        # memcached refuses to run as root without -u; as another user -u is ignored.
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        self.proc = subprocess.Popen(
+            [binary, "-l", "127.0.0.1", "-p", str(self.port), "-U", "0", "-u", user],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + MEMCACHED_TIMEOUT
+        while True:
+            assert self.proc.poll() is None, f"memcached exited {self.proc.returncode}"
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline, f"memcached is not accepting on {self.port}"
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=MEMCACHED_TIMEOUT)
+            self.proc = None
+
+    def flush(self) -> None:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=MEMCACHED_TIMEOUT) as conn:
+            conn.sendall(b"flush_all\r\n")
+            assert conn.recv(64) == b"OK\r\n"
+
+
+@pytest.fixture(scope="session")
+def memcached() -> Iterator[Memcached]:
+    """One memcached process for the whole run, started on first use."""
+    server = Memcached()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["memory", "memcached"])
+def storage_settings(request: pytest.FixtureRequest) -> StorageSettings:
+    """Each backend in turn; a memcached test starts from an empty cache."""
+    if request.param == "memory":
+        return StorageSettings()
+    server: Memcached = request.getfixturevalue("memcached")
+    server.flush()
+    return StorageSettings(backend="memcached", servers=(server.address,))
+
+
 @pytest.fixture
-def server_settings(request: pytest.FixtureRequest, http_port: int) -> Settings:
+def server_settings(
+    request: pytest.FixtureRequest, http_port: int, storage_settings: StorageSettings
+) -> Settings:
     marker = request.node.get_closest_marker("server")
     overrides: dict[str, Any] = dict(marker.kwargs) if marker else {}
     overrides.setdefault("endpoint_url", f"http://127.0.0.1:{http_port}")
     overrides.setdefault("token_key", (generate_key(),))
     overrides.setdefault("port", http_port)
-    return Settings(server=dataclasses.replace(ServerSettings(), **overrides))
+    return Settings(
+        server=dataclasses.replace(ServerSettings(), **overrides), storage=storage_settings
+    )
 
 
 @pytest.fixture
-def node(server_settings: Settings):
-    return build_node(server_settings)
+def node(server_settings: Settings, io_loop: IOLoop) -> Iterator[Node]:
+    node = build_node(server_settings)
+    yield node
+    io_loop.run_sync(node.store.close)
 
 
 @pytest.fixture
 def app(node):
     return make_app(node)
+
+
+@pytest.fixture
+def http_server(http_server: HTTPServer, app: Any) -> HTTPServer:
+    """pytest-tornado's server, naming `app` so that the backend parametrisation reaches it.
+
+    The plugin looks `app` up at run time, too late for pytest to parametrise
+    the tests that use the server.
+    """
+    return http_server
 
 
 @pytest.fixture

@@ -311,7 +311,14 @@ DESIGN_DEFAULTS = {
         "router_host": "127.0.0.1",
         "router_port": 8090,
     },
-    "storage": {"backend": "memory", "servers": ("127.0.0.1:11211",)},
+    "storage": {
+        "backend": "memory",
+        "servers": ("127.0.0.1:11211",),
+        "pending_ttl": 259200,
+        "uaid_ttl": 5184000,
+        "timeout": 5,
+        "threads": 16,
+    },
     "logging": {"format": "json", "output": "stdout", "level": "info", "name": "simplepush"},
     "metrics": {"statsd_host": "", "statsd_port": 8125, "prefix": "simplepush"},
 }

@@ -1,0 +1,409 @@
+"""The Store contract, called directly, on every backend.
+
+The same tests run on the memory store and on a real memcached (test ids
+end in [memory] or [memcached]); what only memcached has (several nodes
+sharing records, expiry) is tested on memcached alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import string
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from tornado.ioloop import IOLoop
+
+from simplepush.config import StorageSettings
+from simplepush.protocol import Wakeup
+from simplepush.server import build_store
+from simplepush.store import Holder, Store, StoreError
+from simplepush.store.memcached import KEY_PREFIX, MemcachedStore
+from simplepush.store.memory import MemoryStore
+from simplepush.updates import MAX_DATA_BYTES, MAX_VERSION, Update
+from tests.conftest import Memcached
+
+OLDER = Holder("http://node-a:8090", 1000.25)
+NEWER = Holder("http://node-b:8090", 1000.5)
+WAKEUP = Wakeup("10.71.22.5", 50213, "214", "07", "10.1.2.3")
+
+
+def new_key() -> str:
+    """A canonical UAID or channel key: 32 lowercase hex."""
+    return uuid.uuid4().hex
+
+
+@pytest.fixture
+def store(storage_settings: StorageSettings, io_loop: IOLoop) -> Iterator[Store]:
+    store = build_store(storage_settings)
+    yield store
+    io_loop.run_sync(store.close)
+
+
+@pytest.fixture
+def memcached_store(memcached: Memcached, io_loop: IOLoop):
+    """memcached_store(**options) -> a MemcachedStore (a "node") on the shared memcached."""
+    opened: list[MemcachedStore] = []
+
+    def _open(**options) -> MemcachedStore:
+        store = MemcachedStore([memcached.address], **options)
+        opened.append(store)
+        return store
+
+    yield _open
+    for store in opened:
+        io_loop.run_sync(store.close)
+
+
+def item_meta(memcached: Memcached, uaid: str, flag: str) -> int:
+    """A number memcached keeps about the UAID's record (meta get: t = TTL left, s = size)."""
+    with socket.create_connection(("127.0.0.1", memcached.port), timeout=5) as conn:
+        conn.sendall(f"mg {KEY_PREFIX}{uaid} {flag}\r\n".encode())
+        reply = conn.recv(256).decode()
+    assert reply.startswith(f"HD {flag}") and reply.endswith("\r\n"), reply
+    return int(reply[4:-2])
+
+
+def remaining_ttl(memcached: Memcached, uaid: str) -> int:
+    return item_meta(memcached, uaid, "t")
+
+
+def largest_data(rng: random.Random) -> str:
+    """Exactly MAX_DATA_BYTES of UTF-8 mixing 1- to 4-byte characters and escapes."""
+    chars = [*string.printable, "\x00", "\x01", '"', "\\", "é", "中", "𝄞"]
+    text, size = [], 0
+    while size < MAX_DATA_BYTES - 4:
+        char = rng.choice(chars)
+        text.append(char)
+        size += len(char.encode("utf-8"))
+    return "".join(text) + "a" * (MAX_DATA_BYTES - size)
+
+
+# --- records: created by hello and register, nothing else -------------------
+
+
+@pytest.mark.gen_test
+async def test_an_unknown_uaid_has_nothing_and_gains_nothing(store):
+    uaid, chid = new_key(), new_key()
+    assert await store.known(uaid) is False
+    assert await store.update(uaid, chid, 5, None) is None
+    assert await store.ack(uaid, [(chid, 5)]) == []
+    await store.unregister(uaid, chid)
+    await store.release(uaid, OLDER)
+    await store.drop(uaid)
+    assert await store.pending(uaid) == []
+    assert await store.wakeup(uaid) is None
+    assert await store.known(uaid) is False
+
+
+@pytest.mark.gen_test
+async def test_hello_creates_the_record_and_keeps_the_latest_wakeup(store):
+    uaid = new_key()
+    assert await store.hello(uaid, WAKEUP, OLDER) is None
+    assert await store.known(uaid) is True
+    assert await store.wakeup(uaid) == WAKEUP
+    assert await store.hello(uaid, None, OLDER) is None
+    assert await store.wakeup(uaid) is None
+    assert await store.pending(uaid) == []
+
+
+@pytest.mark.gen_test
+async def test_register_creates_the_record(store):
+    uaid, chid = new_key(), new_key()
+    assert await store.register(uaid, chid, chid, 200) is True
+    assert await store.known(uaid) is True
+    assert await store.update(uaid, chid, 1, None) == (Update(chid, 1), None)
+
+
+@pytest.mark.gen_test
+async def test_drop_forgets_channels_pending_and_holder(store):
+    uaid, chid = new_key(), new_key()
+    await store.hello(uaid, WAKEUP, OLDER)
+    await store.register(uaid, chid, chid, 200)
+    await store.update(uaid, chid, 3, "x")
+    await store.drop(uaid)
+    assert await store.known(uaid) is False
+    assert await store.pending(uaid) == []
+    assert await store.wakeup(uaid) is None
+    assert await store.update(uaid, chid, 4, None) is None
+
+
+# --- the holder: newest connection wins ---------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_hello_returns_the_other_connection_and_the_newest_keeps_the_record(store):
+    uaid, chid = new_key(), new_key()
+    await store.register(uaid, chid, chid, 200)
+    assert await store.hello(uaid, None, OLDER) is None
+    assert await store.hello(uaid, None, OLDER) is None  # the same connection again
+    assert await store.hello(uaid, None, NEWER) == OLDER  # displaced: its node closes it
+    assert await store.hello(uaid, None, OLDER) == NEWER  # later: this one must close
+    assert await store.update(uaid, chid, 1, None) == (Update(chid, 1), NEWER)
+
+
+@pytest.mark.gen_test
+async def test_release_clears_only_the_holder_it_names(store):
+    uaid, chid = new_key(), new_key()
+    await store.register(uaid, chid, chid, 200)
+    await store.hello(uaid, None, NEWER)
+    await store.release(uaid, OLDER)
+    await store.release(uaid, Holder(NEWER.node, NEWER.connected_at + 1))
+    assert await store.update(uaid, chid, 1, None) == (Update(chid, 1), NEWER)
+    await store.release(uaid, NEWER)
+    assert await store.update(uaid, chid, 2, None) == (Update(chid, 2), None)
+    assert await store.known(uaid) is True
+
+
+# --- channels ---------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_register_is_idempotent_and_bounded_by_max_channels(store):
+    uaid = new_key()
+    first, second, third = new_key(), new_key(), new_key()
+    assert await store.register(uaid, first, first, 2) is True
+    assert await store.register(uaid, second, second, 2) is True
+    assert await store.register(uaid, third, third, 2) is False
+    assert await store.register(uaid, first, first, 2) is True
+    await store.unregister(uaid, first)
+    assert await store.register(uaid, third, third, 2) is True
+    assert await store.update(uaid, first, 1, None) is None
+    assert await store.update(uaid, third, 1, None) == (Update(third, 1), None)
+
+
+@pytest.mark.gen_test
+async def test_registering_again_keeps_the_pending_update_in_the_new_spelling(store):
+    uaid = new_key()
+    dashed = str(uuid.uuid4())
+    chid = dashed.replace("-", "")
+    await store.register(uaid, chid, dashed.upper(), 200)
+    await store.update(uaid, chid, 9, "d")
+    await store.register(uaid, chid, dashed, 200)
+    assert await store.pending(uaid) == [Update(dashed, 9, "d")]
+
+
+@pytest.mark.gen_test
+async def test_unregister_drops_the_channel_and_its_pending_update(store):
+    uaid, kept, gone = new_key(), new_key(), new_key()
+    for chid in (kept, gone):
+        await store.register(uaid, chid, chid, 200)
+        await store.update(uaid, chid, 1, None)
+    await store.unregister(uaid, gone)
+    await store.unregister(uaid, new_key())
+    assert await store.pending(uaid) == [Update(kept, 1)]
+    assert await store.update(uaid, gone, 2, None) is None
+
+
+# --- updates, pending, acks -------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_a_lower_version_does_not_replace_a_pending_one(store):
+    uaid, chid = new_key(), new_key()
+    await store.register(uaid, chid, chid, 200)
+    assert await store.update(uaid, chid, 5, "five") == (Update(chid, 5, "five"), None)
+    assert await store.update(uaid, chid, 3, "three") == (Update(chid, 5, "five"), None)
+    assert await store.update(uaid, chid, 5, None) == (Update(chid, 5), None)
+    assert await store.update(uaid, chid, 7, "seven") == (Update(chid, 7, "seven"), None)
+    assert await store.pending(uaid) == [Update(chid, 7, "seven")]
+
+
+@pytest.mark.gen_test
+async def test_an_ack_clears_only_what_its_version_covers(store):
+    uaid, first, second = new_key(), new_key(), new_key()
+    for chid in (first, second):
+        await store.register(uaid, chid, chid, 200)
+    await store.update(uaid, first, 10, None)
+    await store.update(uaid, second, 20, None)
+    remaining = await store.ack(uaid, [(first, 9), (second, 21), (new_key(), 99)])
+    assert remaining == [Update(first, 10)]
+    assert await store.ack(uaid, [(first, 10)]) == []
+    assert await store.update(uaid, first, 1, None) == (Update(first, 1), None)
+
+
+@pytest.mark.gen_test
+async def test_pending_keeps_each_channels_place_until_it_is_acked(store):
+    uaid = new_key()
+    a, b, c = new_key(), new_key(), new_key()
+    for chid in (a, b, c):
+        await store.register(uaid, chid, chid, 200)
+    for chid in (c, a, b):
+        await store.update(uaid, chid, 1, None)
+    await store.update(uaid, a, 2, None)
+    assert await store.pending(uaid) == [Update(c, 1), Update(a, 2), Update(b, 1)]
+    await store.ack(uaid, [(a, 2)])
+    await store.update(uaid, a, 3, None)
+    assert await store.pending(uaid) == [Update(c, 1), Update(b, 1), Update(a, 3)]
+
+
+@pytest.mark.parametrize(
+    "data",
+    ["", 'quote " backslash \\ newline \n nul \x00', "é中𝄞" * 100, "\x01" * MAX_DATA_BYTES],
+    ids=["empty", "escapes", "unicode", "controls"],
+)
+@pytest.mark.parametrize("version", [0, MAX_VERSION])
+@pytest.mark.gen_test
+async def test_versions_and_data_come_back_exactly(store, version, data):
+    uaid, chid = new_key(), new_key()
+    await store.register(uaid, chid, chid, 200)
+    await store.update(uaid, chid, version, data)
+    assert await store.pending(uaid) == [Update(chid, version, data)]
+
+
+@pytest.mark.gen_test
+async def test_check_passes_when_the_backend_answers(store):
+    await store.check()
+
+
+def test_build_store_picks_the_backend_and_only_memory_warns(storage_settings, io_loop, caplog):
+    """Only the memory store loses everything on restart; memcached has nothing to warn about."""
+    caplog.set_level(logging.WARNING)
+    store = build_store(storage_settings)
+    io_loop.run_sync(store.close)
+    warnings = [record.getMessage() for record in caplog.records]
+    if storage_settings.backend == "memory":
+        assert (type(store), warnings) == (MemoryStore, ["storage.warning"])
+    else:
+        assert (type(store), warnings) == (MemcachedStore, [])
+
+
+# --- memcached: several nodes, one record -------------------------------------
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_two_nodes_registering_and_updating_one_uaid_at_once_lose_nothing(
+    memcached_store,
+):
+    nodes = [memcached_store(), memcached_store()]
+    uaid = new_key()
+    chids = [new_key() for _ in range(100)]
+    registered = await asyncio.gather(
+        *(nodes[i % 2].register(uaid, chid, chid, 200) for i, chid in enumerate(chids))
+    )
+    assert registered == [True] * len(chids)
+    await asyncio.gather(
+        *(nodes[i % 2].update(uaid, chid, i, None) for i, chid in enumerate(chids))
+    )
+    pending = await nodes[0].pending(uaid)
+    assert sorted(pending, key=lambda u: u.version) == [
+        Update(chid, i) for i, chid in enumerate(chids)
+    ]
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_two_nodes_updating_one_channel_at_once_keep_the_highest_version(memcached_store):
+    nodes = [memcached_store(), memcached_store()]
+    uaid, chid = new_key(), new_key()
+    await nodes[0].register(uaid, chid, chid, 200)
+    versions = list(range(1, 101))
+    random.shuffle(versions)
+    await asyncio.gather(*(nodes[v % 2].update(uaid, chid, v, str(v)) for v in versions))
+    assert await nodes[1].pending(uaid) == [Update(chid, 100, "100")]
+
+
+@pytest.mark.gen_test
+async def test_two_nodes_saying_hello_at_once_leave_the_newest_holder(memcached_store):
+    nodes = [memcached_store(), memcached_store()]
+    uaid, chid = new_key(), new_key()
+    await nodes[0].register(uaid, chid, chid, 200)
+    older, newer = await asyncio.gather(
+        nodes[0].hello(uaid, None, OLDER), nodes[1].hello(uaid, None, NEWER)
+    )
+    # Whichever ran second learned about the first.
+    assert (older, newer) in [(None, OLDER), (NEWER, None)]
+    assert await nodes[0].update(uaid, chid, 1, None) == (Update(chid, 1), NEWER)
+
+
+# --- memcached: record size ---------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_full_uaid_with_the_largest_data_everywhere_fits_in_one_item(
+    memcached_store, memcached
+):
+    """The worst case of docs/STORAGE.md: 200 channels, each with 4096 bytes pending."""
+    store = memcached_store()
+    uaid = new_key()
+    rng = random.Random(4096)
+    expected = []
+    for _ in range(200):
+        chid = str(uuid.uuid4()).upper()
+        data = largest_data(rng)
+        assert await store.register(uaid, chid.replace("-", "").lower(), chid, 200) is True
+        await store.update(uaid, chid.replace("-", "").lower(), MAX_VERSION, data)
+        expected.append(Update(chid, MAX_VERSION, data))
+    assert await store.pending(uaid) == expected
+    assert item_meta(memcached, uaid, "s") <= 200 * MAX_DATA_BYTES + 32 * 1024
+
+
+@pytest.mark.gen_test
+async def test_a_record_memcached_refuses_as_too_large_fails_that_call_only(memcached_store):
+    store = memcached_store()
+    uaid, chid = new_key(), new_key()
+    await store.register(uaid, chid, chid, 200)
+    await store.update(uaid, chid, 1, "small")
+    with pytest.raises(StoreError, match=r"update failed: .*too large"):
+        await store.update(uaid, chid, 2, "x" * 2**20)
+    assert await store.pending(uaid) == [Update(chid, 1, "small")]
+
+
+# --- memcached: expiry --------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_pending_entries_older_than_pending_ttl_are_gone(memcached_store):
+    store = memcached_store(pending_ttl=1)
+    uaid, old, fresh = new_key(), new_key(), new_key()
+    for chid in (old, fresh):
+        await store.register(uaid, chid, chid, 200)
+    await store.update(uaid, old, 5, "old")
+    assert await store.pending(uaid) == [Update(old, 5, "old")]
+    await asyncio.sleep(1.1)
+    await store.update(uaid, fresh, 5, "fresh")
+    assert await store.pending(uaid) == [Update(fresh, 5, "fresh")]
+    # The expired entry no longer holds back a lower version.
+    assert await store.update(uaid, old, 1, None) == (Update(old, 1), None)
+    assert await store.known(uaid) is True
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_record_expires_uaid_ttl_after_the_last_hello(memcached_store):
+    store = memcached_store(uaid_ttl=2)
+    uaid = new_key()
+    await store.hello(uaid, None, OLDER)
+    assert await store.known(uaid) is True
+    # memcached's clock ticks once a second: the record lives 1 to 2 s.
+    deadline = time.monotonic() + 4
+    while await store.known(uaid):
+        assert time.monotonic() < deadline, "the record outlived uaid_ttl"
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("days", [3, 30, 31, 60])
+@pytest.mark.gen_test
+async def test_uaid_ttl_beyond_30_days_is_kept_too(memcached_store, memcached, days):
+    """memcached reads an expiry above 30 days as a unix time; the store sends one."""
+    store = memcached_store(uaid_ttl=days * 86400)
+    uaid = new_key()
+    await store.hello(uaid, None, OLDER)
+    assert await store.known(uaid) is True
+    assert days * 86400 - 2 <= remaining_ttl(memcached, uaid) <= days * 86400
+
+
+@pytest.mark.gen_test
+async def test_only_hello_extends_the_record(memcached_store, memcached):
+    store = memcached_store(uaid_ttl=100)
+    uaid, chid = new_key(), new_key()
+    await store.hello(uaid, None, OLDER)
+    await store.register(uaid, chid, chid, 200)
+    await asyncio.sleep(2.1)
+    await store.update(uaid, chid, 1, None)
+    assert 90 <= remaining_ttl(memcached, uaid) <= 98
+    await store.hello(uaid, None, OLDER)
+    assert 99 <= remaining_ttl(memcached, uaid) <= 100
