@@ -231,7 +231,7 @@ def load(path: str) -> Settings:
 
 def _check_together(settings: Settings) -> None:
     path = settings.path
-    if settings.server.processes != 1:
+    if settings.server.processes != 1 and settings.storage.backend == "memory":
         raise ConfigError(
             f"{path}: [server] processes: the memory backend serves one process;"
             " set processes = 1 (several processes need backend = memcached)"

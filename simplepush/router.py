@@ -1,8 +1,10 @@
 """Where an app server's update goes: stored, then written to the device's socket.
 
-The store records which node holds each UAID's socket. This node writes to
-its own sockets; an update for a device held nowhere (or elsewhere) is
-answered "stored" and reaches the device in the flush after its next hello.
+The store records which node holds each UAID's socket (a Holder). This
+node writes to its own sockets and asks the holding node, through Peers,
+to write to its; when nobody holds the device, or the holder is gone, the
+update stays stored and reaches the device in the flush after its next
+hello.
 """
 
 from __future__ import annotations
@@ -10,8 +12,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 from simplepush.logs import event
+from simplepush.metrics import Metrics
+from simplepush.peers import Peers
 from simplepush.registry import Registry
 from simplepush.store import Holder, Store, StoreError
 
@@ -23,31 +29,53 @@ class Delivery(enum.Enum):
 
 
 class Router:
-    def __init__(self, store: Store, registry: Registry, url: str) -> None:
+    def __init__(
+        self, store: Store, registry: Registry, peers: Peers, metrics: Metrics, url: str
+    ) -> None:
         self._store = store
         self._registry = registry
+        self._peers = peers
+        self._metrics = metrics
         self.url = url  # this node's name in Holder records
-        self._releases: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Future[None]] = set()
 
     async def notify(self, uaid: str, chid: str, version: int, data: str | None) -> Delivery:
-        """Store first so that nothing answered 200/202 depends on the socket staying up."""
+        """Store first so that nothing answered 200/202 depends on a socket staying up."""
         result = await self._store.update(uaid, chid, version, data)
         if result is None:
             return Delivery.UNKNOWN_CHANNEL
         update, holder = result
-        if holder is None or holder.node != self.url:
+        if holder is None:
             return Delivery.STORED
-        session = self._registry.get(uaid)
-        if session is not None and session.deliver(update):
-            return Delivery.DELIVERED
+        if holder.node == self.url:
+            session = self._registry.get(uaid)
+            if session is not None and session.deliver(update):
+                return Delivery.DELIVERED
+        else:
+            self._metrics.incr("updates.routed.outgoing")
+            if await self._peers.push(holder.node, uaid, update):
+                return Delivery.DELIVERED
+            self._metrics.incr("updates.routed.error")
+        # The holder no longer has the socket: forget it unless a newer one took over.
         await self._store.release(uaid, holder)
         return Delivery.STORED
 
+    def displaced(self, uaid: str, older: Holder) -> None:
+        """A newer connection took uaid: the older one's node closes its socket."""
+        if older.node != self.url:
+            self._spawn(self._peers.kick(older.node, uaid, older.connected_at))
+
     def disconnected(self, uaid: str, connected_at: float) -> None:
         """A device left: clear its holder record without making the socket's close wait."""
-        task = asyncio.ensure_future(self._release(uaid, Holder(self.url, connected_at)))
-        self._releases.add(task)
-        task.add_done_callback(self._releases.discard)
+        self._spawn(self._release(uaid, Holder(self.url, connected_at)))
+
+    def close(self) -> None:
+        self._peers.close()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _release(self, uaid: str, holder: Holder) -> None:
         try:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
+import os
 import resource
 import signal
 
@@ -16,13 +18,15 @@ from simplepush.config import ConfigError, Settings, StorageSettings
 from simplepush.logs import event
 from simplepush.metrics import Metrics, NullMetrics
 from simplepush.node import Node
+from simplepush.peers import Peers, router_secrets
 from simplepush.registry import Registry
 from simplepush.router import Router
 from simplepush.store import Store
 from simplepush.store.memcached import MemcachedStore
 from simplepush.store.memory import MemoryStore
+from simplepush.supervisor import supervise
 from simplepush.tokens import TokenCodec, generate_key
-from simplepush.web import make_app
+from simplepush.web import make_app, make_internal_app
 
 GOING_AWAY = (1001, "server shutting down")
 # Devices reconnect in storms after an outage; Tornado's default of 128 drops them.
@@ -74,17 +78,15 @@ def socket_capacity(wanted: int) -> int:
     return wanted
 
 
-def build_node(settings: Settings) -> Node:
+def node_url(settings: Settings, index: int) -> str:
+    """How Holder records name worker `index`: its internal listener."""
+    server = settings.server
+    return f"http://{server.router_host}:{server.router_port + index}"
+
+
+def build_node(settings: Settings, index: int = 0) -> Node:
     server = settings.server
     keys = list(server.token_key)
-    if not keys:
-        keys = [generate_key()]
-        event(
-            logging.WARNING,
-            "config.warning",
-            key="token_key",
-            problem="empty: using a key for this run only; endpoints die with the process",
-        )
     metrics_settings = settings.metrics
     metrics = (
         Metrics(metrics_settings.statsd_host, metrics_settings.statsd_port, metrics_settings.prefix)
@@ -93,10 +95,11 @@ def build_node(settings: Settings) -> Node:
     )
     store = build_store(settings.storage)
     registry = Registry()
+    peers = Peers(router_secrets(keys)[0])
     return Node(
         store=store,
         registry=registry,
-        router=Router(store, registry, f"http://{server.router_host}:{server.router_port}"),
+        router=Router(store, registry, peers, metrics, node_url(settings, index)),
         tokens=TokenCodec(keys),
         metrics=metrics,
         endpoint_url=server.endpoint_url,
@@ -106,27 +109,74 @@ def build_node(settings: Settings) -> Node:
     )
 
 
-def listen(settings: Settings) -> list:
-    """Bind before anything else starts, so a busy port is a config error (exit 2)."""
-    server = settings.server
+def with_token_key(settings: Settings) -> Settings:
+    """An empty token_key gets a key for this run, made once so that every worker shares it."""
+    if settings.server.token_key:
+        return settings
+    event(
+        logging.WARNING,
+        "config.warning",
+        key="token_key",
+        problem="empty: using a key for this run only; endpoints die with the process",
+    )
+    server = dataclasses.replace(settings.server, token_key=(generate_key(),))
+    return dataclasses.replace(settings, server=server)
+
+
+def worker_count(settings: Settings) -> int:
+    return settings.server.processes or os.cpu_count() or 1
+
+
+def _bind(settings: Settings, key: str, host: str, port: int, reuse_port: bool) -> list:
+    """A listening socket; a busy port is a config error (exit 2) before anything starts."""
     try:
-        return bind_sockets(server.port, address=server.host, backlog=LISTEN_BACKLOG)
+        return bind_sockets(port, address=host, backlog=LISTEN_BACKLOG, reuse_port=reuse_port)
     except OSError as exc:
         problem = (
             "is already in use"
             if exc.errno == errno.EADDRINUSE
             else f"cannot be bound: {exc.strerror}"
         )
-        raise ConfigError(
-            f"{settings.path}: [server] port: {server.host}:{server.port} {problem}"
-        ) from None
+        raise ConfigError(f"{settings.path}: [server] {key}: {host}:{port} {problem}") from None
 
 
-async def serve(settings: Settings) -> None:
-    sockets = listen(settings)
-    node = build_node(settings)
+def listen(settings: Settings, count: int) -> list[list]:
+    """The public sockets, one set per worker.
+
+    Several workers each get their own SO_REUSEPORT socket: the kernel
+    spreads devices evenly over them, and the supervisor keeps a dead
+    worker's socket open so its queued connections wait for the replacement.
+    A plain bind first makes sure nobody else already listens there.
+    """
+    server = settings.server
+    if count == 1:
+        return [_bind(settings, "port", server.host, server.port, reuse_port=False)]
+    for sock in _bind(settings, "port", server.host, server.port, reuse_port=False):
+        sock.close()
+    return [
+        _bind(settings, "port", server.host, server.port, reuse_port=True) for _ in range(count)
+    ]
+
+
+def listen_internal(settings: Settings, count: int) -> list[list]:
+    """Worker i's internal listener on router_port + i; only shared storage needs one."""
+    server = settings.server
+    if settings.storage.backend == "memory":
+        return [[] for _ in range(count)]
+    return [
+        _bind(settings, "router_port", server.router_host, server.router_port + index, False)
+        for index in range(count)
+    ]
+
+
+async def serve(settings: Settings, public: list, internal: list, index: int = 0) -> None:
+    node = build_node(settings, index)
     http_server = HTTPServer(make_app(node))
-    http_server.add_sockets(sockets)
+    http_server.add_sockets(public)
+    internal_server = HTTPServer(
+        make_internal_app(node, router_secrets(list(settings.server.token_key)))
+    )
+    internal_server.add_sockets(internal)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -135,22 +185,26 @@ async def serve(settings: Settings) -> None:
         logging.INFO,
         "server.start",
         version=__version__,
+        worker=index,
         host=settings.server.host,
         port=settings.server.port,
         endpoint_url=settings.server.endpoint_url,
         backend=settings.storage.backend,
-        max_connections=settings.server.max_connections,
+        node=node.router.url,
+        max_connections=node.max_connections,
     )
     await stopping.wait()
     http_server.stop()
+    internal_server.stop()
     open_sockets = len(node.registry)
     node.registry.close_all(*GOING_AWAY)
     deadline = loop.time() + SHUTDOWN_GRACE
     while len(node.registry) and loop.time() < deadline:
         await asyncio.sleep(0.05)
     await node.store.close()
+    node.router.close()
     node.metrics.flush()
-    event(logging.INFO, "server.stop", closed_sockets=open_sockets)
+    event(logging.INFO, "server.stop", worker=index, closed_sockets=open_sockets)
 
 
 def run(settings: Settings) -> None:
@@ -160,4 +214,20 @@ def run(settings: Settings) -> None:
         settings.logging.level,
         settings.logging.name,
     )
-    asyncio.run(serve(settings))
+    settings = with_token_key(settings)
+    count = worker_count(settings)
+    public = listen(settings, count)
+    internal = listen_internal(settings, count)
+    if count == 1:
+        asyncio.run(serve(settings, public[0], internal[0]))
+        return
+
+    def work(index: int) -> int:
+        for other, (sockets, internals) in enumerate(zip(public, internal, strict=True)):
+            if other != index:
+                for sock in sockets + internals:
+                    sock.close()
+        asyncio.run(serve(settings, public[index], internal[index], index))
+        return 0
+
+    supervise(count, work)

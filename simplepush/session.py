@@ -114,6 +114,8 @@ class Session:
         if newer or not node.registry.claim(key, self):
             self.close(*SUPERSEDED)
             return
+        if other is not None:
+            node.router.displaced(key, other)
         self.key, self.uaid = key, uaid
         node.metrics.incr("updates.client.hello")
         event(logging.INFO, "websocket.hello", uaid_state=outcome, channels=hello.channel_count)

@@ -7,6 +7,7 @@ router and translate outcomes back; no protocol rule lives here.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -29,7 +30,9 @@ from simplepush import __version__, endpoint
 from simplepush.connection import DeviceConnection
 from simplepush.logs import event
 from simplepush.node import Node
+from simplepush.registry import SUPERSEDED
 from simplepush.store import StoreError
+from simplepush.updates import Update
 from simplepush.wsframes import accept_key
 
 SUBPROTOCOL = "push-notification"
@@ -280,6 +283,69 @@ class RealStatusHandler(JSONHandler):
                 "version": __version__,
             },
         )
+
+
+class InternalHandler(JSONHandler):
+    """Base of the node-to-node endpoints: only peers holding the shared secret get in."""
+
+    def initialize(self, node: Node, secrets: list[str]) -> None:
+        self._node = node
+        self._secrets = secrets
+
+    def prepare(self) -> None:
+        offered = self.request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if not any(hmac.compare_digest(offered, secret) for secret in self._secrets):
+            event(logging.WARNING, "router.unauthorized", peer=self.request.remote_ip)
+            raise HTTPError(401, reason="Unauthorized")
+
+
+class PushHandler(InternalHandler):
+    """PUT /push/<uaid>: a peer stored an update for a device this node holds."""
+
+    def put(self, uaid: str) -> None:
+        node = self._node
+        node.metrics.incr("updates.routed.incoming")
+        try:
+            body = json.loads(self.request.body)
+            channel_id, version, data = body["channelID"], body["version"], body.get("data")
+        except (ValueError, KeyError, TypeError):
+            channel_id = None
+        if (
+            type(channel_id) is not str
+            or type(version) is not int
+            or type(data) not in (str, type(None))
+        ):
+            raise HTTPError(400, reason="Bad Update")
+        update = Update(channel_id, version, data)
+        session = node.registry.get(uaid)
+        if session is not None and session.deliver(update):
+            self.write_json(200, {})
+        else:
+            self.write_json(404, {"status": 404, "error": "Not Connected Here"})
+
+
+class KickHandler(InternalHandler):
+    """DELETE /notif/<uaid>/<connected_at>: a newer connection for uaid opened elsewhere."""
+
+    def delete(self, uaid: str, connected_at: str) -> None:
+        session = self._node.registry.get(uaid)
+        if session is None or session.connected_at > float(connected_at):
+            self.write_json(404, {"status": 404, "error": "Not Connected Here"})
+            return
+        session.close(*SUPERSEDED)
+        self.write_json(200, {})
+
+
+def make_internal_app(node: Node, secrets: list[str]) -> Application:
+    """The internal listener (router_host:router_port + i); never the public port."""
+    args = {"node": node, "secrets": secrets}
+    return Application(
+        [
+            (r"/push/([0-9a-f]{32})", PushHandler, args),
+            (r"/notif/([0-9a-f]{32})/([0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?)", KickHandler, args),
+        ],
+        log_function=_log_request,
+    )
 
 
 def make_app(node: Node) -> FrontDoor:

@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 
 from simplepush.bench.device import ACK, READY, Device, Shared, mask_frame
-from simplepush.bench.putclient import HttpConn, HttpPool, chunked_end
 from simplepush.bench.report import percentiles
-from simplepush.bench.settings import Target, parse_source_ips
+from simplepush.bench.settings import parse_source_ips
+from simplepush.httpclient import HttpConn, HttpPool
 
 ROOT = Path(__file__).resolve().parents[1]
 # Bounds for waiting on processes, not performance thresholds.
@@ -92,6 +92,10 @@ def test_client_frames_are_masked_with_every_length_encoding(size: int) -> None:
     assert unmask(mask_frame(1, payload)) == (1, payload)
 
 
+async def never_connect(conn: HttpConn) -> HttpConn:
+    raise AssertionError("the device tests make no HTTP requests")
+
+
 def upgraded_device(shared: Shared) -> tuple[Device, FakeTransport, asyncio.Future[float]]:
     """A device that has sent its upgrade request, and the 101 answer fed back byte by byte."""
     waiter = asyncio.get_running_loop().create_future()
@@ -117,7 +121,7 @@ def test_device_sets_up_acks_answers_pings_and_counts_a_server_close() -> None:
 
         def endpoint(url: str) -> tuple[HttpPool, bytes]:
             endpoints.append(url)
-            return HttpPool(Target("h", "127.0.0.1", 1), "127.0.0.1", 1), b"/update/x"
+            return HttpPool("h", never_connect, 1), b"/update/x"
 
         shared = Shared("127.0.0.1:1", "/", endpoint)
         device, transport, waiter = upgraded_device(shared)
@@ -201,49 +205,6 @@ def test_device_reports_a_bad_handshake_as_a_setup_error() -> None:
             await waiter
 
     asyncio.run(scenario())
-
-
-def test_http_conn_reads_length_chunked_and_close_delimited_responses() -> None:
-    async def scenario() -> None:
-        pool = HttpPool(Target("h", "127.0.0.1", 1), "127.0.0.1", 1)
-        conn, transport = HttpConn(pool), FakeTransport()
-        conn.connection_made(transport)
-
-        status = conn.request(b"PUT / HTTP/1.1\r\n\r\n")
-        conn.data_received(
-            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{"
-        )
-        assert not status.done()
-        conn.data_received(b"}")
-        assert status.result() == 200 and not transport.closed
-
-        status = conn.request(b"PUT / HTTP/1.1\r\n\r\n")
-        body = b"HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
-        for i in range(len(body)):
-            conn.data_received(body[i : i + 1])
-        assert status.result() == 202 and not transport.closed
-
-        status = conn.request(b"PUT / HTTP/1.1\r\n\r\n")
-        conn.data_received(
-            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )
-        assert status.result() == 404 and transport.closed
-
-        conn, transport = HttpConn(pool), FakeTransport()
-        conn.connection_made(transport)
-        status = conn.request(b"PUT / HTTP/1.0\r\n\r\n")
-        conn.data_received(b"HTTP/1.0 200 OK\r\n\r\nbody until EOF")
-        assert not status.done()
-        conn.connection_lost(None)
-        assert status.result() == 200
-
-    asyncio.run(scenario())
-
-
-def test_chunked_end_needs_the_whole_body() -> None:
-    body = bytearray(b"4;ext=1\r\nabcd\r\n0\r\nTrailer: x\r\n\r\nNEXT")
-    assert chunked_end(body) == len(body) - 4
-    assert chunked_end(body[:-6]) is None
 
 
 def test_source_ips_and_percentiles() -> None:

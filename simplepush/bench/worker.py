@@ -22,12 +22,13 @@ from urllib.parse import urlsplit
 
 from simplepush.bench.device import Device, DeviceError, Shared
 from simplepush.bench.net import connect, raise_nofile
-from simplepush.bench.putclient import HttpPool
 from simplepush.bench.settings import Target, WorkerSettings, resolve
 from simplepush.bench.tally import Tally
+from simplepush.httpclient import HttpPool
 
 ERROR_BACKOFF = 0.01  # closed loop: pause after a failed round trip, not to spin on errors
 SOAK_TICK = 0.1  # soak: devices are split into ping_interval / SOAK_TICK groups
+FORM = b"Content-Type: application/x-www-form-urlencoded\r\n"
 
 
 def worker_main(settings: WorkerSettings, conn: Connection) -> None:
@@ -123,7 +124,9 @@ class Worker:
         pool = self.pools.get((target.ip, target.port))
         if pool is None:
             source = self.s.source_ips[self.s.index % len(self.s.source_ips)]
-            pool = self.pools[target.ip, target.port] = HttpPool(target, source, self.s.http_conns)
+            pool = self.pools[target.ip, target.port] = HttpPool(
+                target.host, lambda conn: connect(conn, target, source), self.s.http_conns
+            )
         return pool, path.encode()
 
     def ready(self) -> list[Device]:
@@ -186,7 +189,9 @@ class Worker:
         tally.attempts += 1
         try:
             async with asyncio.timeout(self.s.op_timeout):
-                status, sent = await device.pool.put(device.path, version)
+                status, _, sent = await device.pool.request(
+                    b"PUT", device.path, b"version=%d" % version, FORM
+                )
                 if due is not None:
                     tally.lag_ms.append((sent - due) * 1000)
                 if status == 200:
