@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""Run simplepush-bench against fresh servers several times and print medians.
+
+Each run starts a new server (so RSS deltas are not flattered by memory a
+previous run left behind), points the bench at it with --pid, stops it, and
+keeps the bench's summary. Used for every figure in docs/PERFORMANCE.md:
+
+    scripts/measure.py --runs 3 -- -n 10000 -p 2 --phases setup,closed -d 15
+    scripts/measure.py --tree /tmp/old-checkout --runs 3 -- -n 10000 -p 2
+    scripts/measure.py --logging off --statsd off --runs 3 -- -n 10000 -p 2
+
+--tree runs another checkout's code (e.g. a `git worktree` of an older
+commit) with this machine's installed dependencies. With --statsd on (the
+default) a UDP sink on 127.0.0.1 receives the metrics, as a statsd would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# The numbers each phase reports (nested dicts such as latency_ms are flattened).
+FIELDS = {
+    "setup": (
+        "devices_connected",
+        "setup_errors",
+        "server_cpu_ms_per_setup",
+        "rss_kb_per_device_setup_delta",
+        "rss_kb_per_device_total",
+    ),
+    "closed": (
+        "round_trips_per_s",
+        "server_cpu_us_per_round_trip",
+        "latency_ms_p50",
+        "latency_ms_p99",
+        "errors",
+        "timeouts",
+        "stored",
+    ),
+    "open": (
+        "round_trips_per_s",
+        "server_cpu_us_per_round_trip",
+        "latency_ms_p50",
+        "latency_ms_p95",
+        "latency_ms_p99",
+        "errors",
+        "timeouts",
+    ),
+    "soak": ("devices_at_end", "sockets_dropped", "pings_unanswered", "protocol_errors"),
+}
+
+
+def flatten(phase: dict) -> dict:
+    flat = {}
+    for key, value in phase.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}_{sub}": v for sub, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def statsd_sink() -> tuple[int, list[int]]:
+    """A UDP socket that swallows metrics; returns its port and a packet counter."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    count = [0]
+
+    def drain() -> None:
+        while True:
+            sock.recv(65536)
+            count[0] += 1
+
+    threading.Thread(target=drain, daemon=True).start()
+    return sock.getsockname()[1], count
+
+
+def config_text(
+    args: argparse.Namespace, port: int, statsd_port: int | None, settings: list[str]
+) -> str:
+    sections: dict[str, dict[str, str]] = {
+        "server": {"port": str(port), "endpoint_url": f"http://127.0.0.1:{port}"},
+        "logging": {
+            "level": "info" if args.logging == "info" else "critical",
+            "output": "server.log",
+        },
+        "metrics": {
+            "statsd_host": "127.0.0.1" if statsd_port else "",
+            "statsd_port": str(statsd_port or 8125),
+        },
+    }
+    for setting in settings:
+        name, _, value = setting.partition("=")
+        section, _, key = name.partition(".")
+        sections.setdefault(section, {})[key] = value
+    return "".join(
+        f"[{section}]\n" + "".join(f"{key} = {value}\n" for key, value in keys.items())
+        for section, keys in sections.items()
+    )
+
+
+def start_memcached() -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    process = subprocess.Popen(["memcached", "-l", "127.0.0.1", "-p", str(port), "-U", "0"])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process, port
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("measure.py: memcached did not start")
+
+
+def one_run(args: argparse.Namespace, bench_args: list[str], statsd_port: int | None) -> dict:
+    port = free_port()
+    pids: list[int] = []
+    memcached = None
+    settings = list(args.set)
+    if args.memcached:
+        memcached, memcached_port = start_memcached()
+        pids.append(memcached.pid)
+        settings[:0] = [
+            "storage.backend=memcached",
+            f"storage.servers=127.0.0.1:{memcached_port}",
+            f"server.router_port={free_port()}",
+        ]
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "config.ini"
+        config.write_text(config_text(args, port, statsd_port, settings))
+        env = dict(os.environ, PYTHONPATH=str(Path(args.tree).resolve()))
+        server = subprocess.Popen(
+            [sys.executable, "-m", "simplepush.cli", "--config", str(config)], cwd=tmp, env=env
+        )
+        pids.append(server.pid)
+        try:
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=1)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or server.poll() is not None:
+                        raise SystemExit("measure.py: the server did not start") from None
+                    time.sleep(0.1)
+            report = Path(tmp) / "bench.json"
+            subprocess.run(
+                [
+                    str(Path(sys.executable).parent / "simplepush-bench"),
+                    "--url",
+                    f"ws://127.0.0.1:{port}/",
+                    *(arg for pid in pids for arg in ("--pid", str(pid))),
+                    "--json",
+                    str(report),
+                    *bench_args,
+                ],
+                check=False,
+                stderr=subprocess.DEVNULL,
+            )
+            return json.loads(report.read_text())
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+            if memcached is not None:
+                memcached.terminate()
+                memcached.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tree", default=str(REPO), help="source tree to run (default: this)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--logging", choices=["info", "off"], default="info")
+    parser.add_argument("--statsd", choices=["on", "off"], default="on")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a config.ini setting, e.g. server.processes=2 (repeatable)",
+    )
+    parser.add_argument(
+        "--memcached",
+        action="store_true",
+        help="start a memcached for each run, use it as the store, count its CPU",
+    )
+    parser.add_argument("--label", default="", help="name printed with the medians")
+    parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="-- then bench options")
+    args = parser.parse_args()
+    bench_args = [a for a in args.bench_args if a != "--"]
+    statsd_port = statsd_sink()[0] if args.statsd == "on" else None
+    runs: list[dict[str, dict]] = []
+    for run in range(1, args.runs + 1):
+        phases = {
+            name: flatten(data)
+            for name, data in one_run(args, bench_args, statsd_port)["phases"].items()
+        }
+        runs.append(phases)
+        for name, data in phases.items():
+            picked = {key: data.get(key) for key in FIELDS.get(name, ())}
+            print(f"run {run} {name}: {json.dumps(picked)}", flush=True)
+    for name in runs[0]:
+        medians = {}
+        for key in FIELDS.get(name, ()):
+            values = [r[name][key] for r in runs if isinstance(r[name].get(key), (int, float))]
+            if values:
+                medians[key] = round(statistics.median(values), 3)
+        print(f"median {args.label} {name}: {json.dumps(medians)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
