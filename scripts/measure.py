@@ -119,7 +119,10 @@ def config_text(
 
 def start_memcached() -> tuple[subprocess.Popen, int]:
     port = free_port()
-    process = subprocess.Popen(["memcached", "-l", "127.0.0.1", "-p", str(port), "-U", "0"])
+    command = ["memcached", "-l", "127.0.0.1", "-p", str(port), "-U", "0"]
+    if os.geteuid() == 0:
+        command += ["-u", "root"]  # memcached refuses to run as root unless told to
+    process = subprocess.Popen(command)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:

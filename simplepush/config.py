@@ -41,7 +41,6 @@ class StorageSettings:
     pending_ttl: int = 3 * 86400
     uaid_ttl: int = 60 * 86400
     timeout: float = 5.0
-    threads: int = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +172,6 @@ _SCHEMA: dict[str, dict[str, Callable[[str], object]]] = {
         "pending_ttl": _integer(1, 3650 * 86400),
         "uaid_ttl": _integer(1, 3650 * 86400),
         "timeout": _timeout,
-        "threads": _integer(1, 256),
     },
     "logging": {
         "format": _choice("json", "text"),

@@ -8,7 +8,6 @@ section 3; `format = text` gives readable lines for a terminal instead.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import sys
 import time
@@ -46,7 +45,6 @@ class MozlogFormatter(JsonFormatter):
         super().__init__()
         self._logger_name = logger_name
         self._hostname = socket.gethostname()
-        self._pid = os.getpid()
 
     def add_fields(
         self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
@@ -64,7 +62,7 @@ class MozlogFormatter(JsonFormatter):
         log_data["Hostname"] = self._hostname
         log_data["EnvVersion"] = "2.0"
         log_data["Severity"] = severity(record.levelno)
-        log_data["Pid"] = self._pid
+        log_data["Pid"] = record.process
         log_data["Fields"] = fields
 
 

@@ -63,9 +63,10 @@ class Peers:
         """The peer's status, or None when it cannot be reached in time."""
         headers = self._auth + (b"Content-Type: application/json\r\n" if body else b"")
         try:
-            status, _body, _sent = await asyncio.wait_for(
-                self._pool(url).request(method, path.encode("ascii"), body, headers), TIMEOUT
-            )
+            async with asyncio.timeout(TIMEOUT):
+                status, _body, _sent = await self._pool(url).request(
+                    method, path.encode("ascii"), body, headers
+                )
         except (OSError, TimeoutError, HttpError) as exc:
             event(logging.WARNING, "router.unreachable", node=url, error=str(exc) or repr(exc))
             return None

@@ -71,6 +71,8 @@ class Router:
 
     def close(self) -> None:
         self._peers.close()
+        for task in self._background:
+            task.cancel()
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)

@@ -45,7 +45,6 @@ def build_store(storage: StorageSettings) -> Store:
             pending_ttl=storage.pending_ttl,
             uaid_ttl=storage.uaid_ttl,
             timeout=storage.timeout,
-            threads=storage.threads,
         )
     event(
         logging.WARNING,

@@ -317,7 +317,6 @@ DESIGN_DEFAULTS = {
         "pending_ttl": 259200,
         "uaid_ttl": 5184000,
         "timeout": 5,
-        "threads": 16,
     },
     "logging": {"format": "json", "output": "stdout", "level": "info", "name": "simplepush"},
     "metrics": {"statsd_host": "", "statsd_port": 8125, "prefix": "simplepush"},

@@ -231,7 +231,7 @@ async def test_every_store_call_raises_store_error_naming_the_server(
 @pytest.mark.gen_test
 async def test_a_connection_memcached_closed_is_opened_again(memcached_store, memcached_proc):
     """A restart leaves every idle connection dead; the next call must not fail on it."""
-    store = memcached_store(memcached_proc, threads=1)
+    store = memcached_store(memcached_proc)
     uaid = uuid.uuid4().hex
     await store.register(uaid, uaid, uaid, 200)
     restart(memcached_proc)
@@ -246,7 +246,7 @@ async def test_a_server_that_is_down_keeps_its_keys(memcached_store, memcached_p
     second = Memcached()
     second.start()
     try:
-        store = memcached_store(memcached_proc, second, threads=2)
+        store = memcached_store(memcached_proc, second)
         uaids = [uuid.uuid4().hex for _ in range(32)]
         for uaid in uaids:
             await store.hello(uaid, None, HOLDER)

@@ -86,4 +86,4 @@ class Store(ABC):
 
     @abstractmethod
     async def close(self) -> None:
-        """Release connections and threads at shutdown."""
+        """Release connections at shutdown."""

@@ -4,22 +4,9 @@ Each UAID is one memcached item (docs/STORAGE.md has the key, the record
 format and the expiry rules). Every change is a read-modify-write with
 gets/cas (add for creation), retried on conflict, so that two nodes writing
 the same UAID at once lose nothing; an update reads the holder in the same
-round trip.
-
-Why a thread pool: pymemcache is a blocking client, and a memcached call
-made on the IOLoop would stall every socket of the node for its duration
-(up to the timeout when a server is gone). Each Store call runs as ONE job
-in a bounded ThreadPoolExecutor: a whole CAS loop costs one thread hand-off,
-and at most `threads` calls wait on memcached while the IOLoop keeps
-serving. Each worker thread owns its HashClient (one connection per server),
-so no client state is shared between threads and nothing needs a lock.
-
-Why a fixed ring: HashClient would move a failing server's keys to another
-server. Nodes notice failures at different times, so for a while they would
-read and write one UAID on different servers, answering 202 for updates
-that the device's node never reads. Here a server keeps its keys: calls for
-them raise StoreError (callers answer 503) until it is back, and every call
-tries it again, so service resumes as soon as it answers.
+round trip. The calls go through MemcacheClient, which speaks memcached's
+protocol on the IOLoop without blocking it (memcache_client.py says why not
+in threads).
 """
 
 from __future__ import annotations
@@ -29,18 +16,13 @@ import json
 import math
 import os
 import random
-import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
-
-from pymemcache.client.hash import HashClient
-from pymemcache.client.rendezvous import RendezvousHash
-from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 
 from simplepush.protocol import Wakeup
 from simplepush.store import Holder, Store, StoreError
+from simplepush.store.memcache_client import MemcacheClient, MemcacheFailure
 from simplepush.updates import Update
 
 T = TypeVar("T")
@@ -56,38 +38,6 @@ MAX_RELATIVE_EXPIRY = 30 * 86400
 # most `timeout` seconds in all.
 CAS_BACKOFF = 0.0005
 CAS_BACKOFF_CAP = 0.05
-
-# A connection memcached closed while it was idle (a restart) fails on its
-# first use; the call is run once more on a new connection. Every Store call
-# is idempotent, so running it again is safe.
-_STALE = (MemcacheUnexpectedCloseError, ConnectionResetError, BrokenPipeError)
-_FAILURES = (MemcacheError, OSError, ValueError)
-
-
-class _FixedRing(RendezvousHash):
-    """Consistent hashing whose servers never leave: see "Why a fixed ring" above."""
-
-    def remove_node(self, node: str) -> None:
-        return None
-
-
-def _server_address(server: str) -> tuple[str, int]:
-    """'host:port' or '[v6]:port' (validated by config) as a socket address."""
-    host, _, port = server.rpartition(":")
-    return host.removeprefix("[").removesuffix("]"), int(port)
-
-
-def _again_if_stale(call: Callable[[], T]) -> T:
-    try:
-        return call()
-    except _STALE:
-        return call()
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, MemcacheError) and exc.args and isinstance(exc.args[0], bytes):
-        return f"{type(exc).__name__}: {exc.args[0].decode('ascii', 'replace')}"
-    return str(exc) or type(exc).__name__
 
 
 def _encode(record: Record) -> bytes:
@@ -140,58 +90,25 @@ class MemcachedStore(Store):
         pending_ttl: int = 3 * 86400,
         uaid_ttl: int = 60 * 86400,
         timeout: float = 5.0,
-        threads: int = 16,
     ) -> None:
-        self._servers = [_server_address(server) for server in servers]
+        self._client = MemcacheClient(servers, timeout)
         self._pending_ttl = pending_ttl
         self._uaid_ttl = uaid_ttl
         self._timeout = timeout
-        self._local = threading.local()
-        self._clients: list[HashClient] = []
-        self._clients_lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(
-            threads, thread_name_prefix="memcached", initializer=self._open_client
-        )
+        self._closed = False
 
-    def _open_client(self) -> None:
-        """Runs in each worker thread as it starts: its own client, its own sockets."""
-        client = HashClient(
-            self._servers,
-            hasher=_FixedRing,
-            connect_timeout=self._timeout,
-            timeout=self._timeout,
-            no_delay=True,
-            default_noreply=False,
-            # Fail at once and raise: HashClient returns silent defaults (None,
-            # False) for a server it is "retrying", which would read as "no record".
-            retry_attempts=0,
-        )
-        self._local.client = client
-        with self._clients_lock:
-            self._clients.append(client)
-
-    async def _call(self, what: str, key: str, job: Callable[[HashClient, str], T]) -> T:
-        """Run job(client, key) as one executor job; memcached failures become StoreError."""
+    async def _call(self, what: str, key: str, job: Callable[[str], Any]) -> Any:
+        """Run job(key); memcached failures become StoreError naming the server."""
+        if self._closed:
+            raise StoreError("memcached store is closed")
         try:
-            future = asyncio.get_running_loop().run_in_executor(
-                self._executor, self._run, what, key, job
-            )
-        except RuntimeError:
-            raise StoreError("memcached store is closed") from None
-        return await future
-
-    def _run(self, what: str, key: str, job: Callable[[HashClient, str], T]) -> T:
-        client: HashClient = self._local.client
-        try:
-            return _again_if_stale(lambda: job(client, key))
-        except _FAILURES as exc:
-            server = client.hasher.get_node(key)
-            raise StoreError(f"memcached {server}: {what} failed: {_describe(exc)}") from exc
+            return await job(key)
+        except MemcacheFailure as exc:
+            server = self._client.server_for(key).name
+            raise StoreError(f"memcached {server}: {what} failed: {exc}") from None
 
     async def _change(self, what: str, uaid: str, change: Change[T]) -> T:
-        return await self._call(
-            what, KEY_PREFIX + uaid, lambda client, key: self._modify(client, key, change)
-        )
+        return await self._call(what, KEY_PREFIX + uaid, lambda key: self._modify(key, change))
 
     def _expiry(self, record: Record) -> int:
         """uaid_ttl after the last hello, as memcached wants it (relative up to 30 days)."""
@@ -210,21 +127,22 @@ class MemcachedStore(Store):
             del pending[chid]
         return record
 
-    def _read(self, client: HashClient, key: str) -> Record | None:
-        data = client.get(key)
+    async def _read(self, key: str) -> Record | None:
+        data, _token = await self._client.gets(key)
         return self._load(data, time.time()) if data is not None else None
 
-    def _modify(self, client: HashClient, key: str, change: Change[T]) -> T:
+    async def _modify(self, key: str, change: Change[T]) -> T:
         """Read-modify-write with gets/cas (add when absent), retried while another writer wins.
 
         change(record, now) returns the record to write (None: nothing to
         write) and the call's result; it runs again on the fresh record after
         a lost race.
         """
+        client = self._client
         deadline = time.monotonic() + self._timeout
         attempt = 0
         while True:
-            data, token = client.gets(key)
+            data, token = await client.gets(key)
             now = time.time()
             record = self._load(data, now) if data is not None else None
             new, result = change(record, now)
@@ -232,23 +150,24 @@ class MemcachedStore(Store):
                 return result
             value, expire = _encode(new), self._expiry(new)
             if token is None:
-                stored = client.add(key, value, expire=expire)
+                stored = await client.add(key, value, expire)
             else:
-                stored = client.cas(key, value, token, expire=expire)
+                stored = await client.cas(key, value, token, expire)
             if stored:
                 return result
             attempt += 1
             if time.monotonic() >= deadline:
                 raise StoreError(
-                    f"memcached {client.hasher.get_node(key)}: {key} changed under"
+                    f"memcached {client.server_for(key).name}: {key} changed under"
                     f" {attempt} writes in a row for {self._timeout} s"
                 )
-            time.sleep(random.uniform(0, min(CAS_BACKOFF_CAP, CAS_BACKOFF * 2**attempt)))
+            await asyncio.sleep(random.uniform(0, min(CAS_BACKOFF_CAP, CAS_BACKOFF * 2**attempt)))
 
     async def known(self, uaid: str) -> bool:
-        return await self._call(
-            "known", KEY_PREFIX + uaid, lambda client, key: client.get(key) is not None
-        )
+        async def job(key: str) -> bool:
+            return await self._client.get(key) is not None
+
+        return await self._call("known", KEY_PREFIX + uaid, job)
 
     async def hello(self, uaid: str, wakeup: Wakeup | None, holder: Holder) -> Holder | None:
         def change(record: Record | None, now: float) -> tuple[Record, Holder | None]:
@@ -278,8 +197,8 @@ class MemcachedStore(Store):
         await self._change("release", uaid, change)
 
     async def wakeup(self, uaid: str) -> Wakeup | None:
-        def job(client: HashClient, key: str) -> Wakeup | None:
-            record = self._read(client, key)
+        async def job(key: str) -> Wakeup | None:
+            record = await self._read(key)
             if record is None or "w" not in record:
                 return None
             return Wakeup(*record["w"])
@@ -287,7 +206,7 @@ class MemcachedStore(Store):
         return await self._call("wakeup", KEY_PREFIX + uaid, job)
 
     async def drop(self, uaid: str) -> None:
-        await self._call("drop", KEY_PREFIX + uaid, lambda client, key: client.delete(key))
+        await self._call("drop", KEY_PREFIX + uaid, self._client.delete)
 
     async def register(self, uaid: str, chid: str, spelling: str, max_channels: int) -> bool:
         def change(record: Record | None, now: float) -> tuple[Record | None, bool]:
@@ -334,8 +253,8 @@ class MemcachedStore(Store):
         return await self._change("update", uaid, change)
 
     async def pending(self, uaid: str) -> list[Update]:
-        def job(client: HashClient, key: str) -> list[Update]:
-            record = self._read(client, key)
+        async def job(key: str) -> list[Update]:
+            record = await self._read(key)
             return _updates(record) if record is not None else []
 
         return await self._call("pending", KEY_PREFIX + uaid, job)
@@ -357,24 +276,16 @@ class MemcachedStore(Store):
 
     async def check(self) -> None:
         """A real round trip to every server: set a short-lived random key and read it back."""
-
-        def job(client: HashClient, key: str) -> None:
-            token = key.encode("ascii")
-            for name, server in client.clients.items():
-                try:
-                    _again_if_stale(lambda server=server: server.set(key, token, expire=10))
-                    if server.get(key) != token:
-                        raise StoreError(f"memcached {name}: check read back another value")
-                except _FAILURES as exc:
-                    raise StoreError(f"memcached {name}: check failed: {_describe(exc)}") from exc
-
-        await self._call("check", f"check:{os.urandom(8).hex()}", job)
+        key = f"check:{os.urandom(8).hex()}"
+        token = key.encode("ascii")
+        for server in self._client.servers():
+            try:
+                await self._client.set(key, token, 10, server)
+                if await self._client.get(key, server) != token:
+                    raise StoreError(f"memcached {server.name}: check read back another value")
+            except MemcacheFailure as exc:
+                raise StoreError(f"memcached {server.name}: check failed: {exc}") from None
 
     async def close(self) -> None:
-        """Finish queued calls in the pool's threads, then close every connection."""
-        await asyncio.to_thread(self._shutdown)
-
-    def _shutdown(self) -> None:
-        self._executor.shutdown(wait=True)
-        for client in self._clients:
-            client.close()
+        self._closed = True
+        self._client.close()
