@@ -31,6 +31,7 @@ STORED, NOT_STORED, EXISTS, NOT_FOUND, DELETED = (
     b"DELETED",
 )
 _VALUE, _LINE = 0, 1
+PLACEMENT_CACHE = 65536
 _MAX_VALUE = 2 * 1024 * 1024
 
 
@@ -43,13 +44,18 @@ class ConnectionLost(MemcacheFailure):
 
 
 class _Connection(asyncio.Protocol):
-    __slots__ = ("_buffer", "_pending", "_timeout", "transport")
+    """Commands queued in one loop turn go out in one write; one timer watches them all."""
+
+    __slots__ = ("_buffer", "_loop", "_out", "_pending", "_timeout", "_watchdog", "transport")
 
     def __init__(self, timeout: float) -> None:
         self._timeout = timeout
+        self._loop = asyncio.get_running_loop()
         self._buffer = bytearray()
-        # (reply kind, future, timeout handle), in the order the commands were written
-        self._pending: deque[tuple[int, asyncio.Future, asyncio.TimerHandle]] = deque()
+        self._out: list[bytes] = []
+        # (reply kind, future, time written), in the order the commands were written
+        self._pending: deque[tuple[int, asyncio.Future, float]] = deque()
+        self._watchdog: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -60,16 +66,31 @@ class _Connection(asyncio.Protocol):
         return self.transport is not None and not self.transport.is_closing()
 
     def call(self, command: bytes, kind: int) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         future = loop.create_future()
-        timer = loop.call_later(self._timeout, self._expired, future)
-        self._pending.append((kind, future, timer))
-        self.transport.write(command)
+        self._pending.append((kind, future, loop.time()))
+        if not self._out:
+            loop.call_soon(self._flush)
+        self._out.append(command)
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self._timeout, self._watch)
         return future
 
-    def _expired(self, future: asyncio.Future) -> None:
-        if not future.done():
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self.transport is not None:
+            self.transport.write(b"".join(out))
+
+    def _watch(self) -> None:
+        """Fail the connection if its oldest command has waited too long, else look again later."""
+        self._watchdog = None
+        if not self._pending:
+            return
+        waited = self._loop.time() - self._pending[0][2]
+        if waited >= self._timeout:
             self._fail(MemcacheFailure(f"no answer within {self._timeout:g} s"))
+        else:
+            self._watchdog = self._loop.call_later(self._timeout - waited, self._watch)
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -104,8 +125,7 @@ class _Connection(asyncio.Protocol):
                 result = (None, None) if pending[0][0] == _VALUE else line
                 if pending[0][0] == _VALUE and line != b"END":
                     raise MemcacheFailure(f"unexpected reply {line[:40]!r}")
-            _kind, future, timer = pending.popleft()
-            timer.cancel()
+            future = pending.popleft()[1]
             if not future.done():
                 future.set_result(result)
         if buffer and not pending:
@@ -118,11 +138,14 @@ class _Connection(asyncio.Protocol):
 
     def _drop(self, exc: Exception) -> None:
         while self._pending:
-            _kind, future, timer = self._pending.popleft()
-            timer.cancel()
+            future = self._pending.popleft()[1]
             if not future.done():
                 future.set_exception(exc)
         self._buffer.clear()
+        self._out.clear()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -193,9 +216,20 @@ class MemcacheClient:
     def __init__(self, servers: Sequence[str], timeout: float) -> None:
         self._servers = {server: _Server(server, _address(server), timeout) for server in servers}
         self._ring = RendezvousHash(list(self._servers))
+        self._only = next(iter(self._servers.values())) if len(self._servers) == 1 else None
+        self._placed: dict[str, _Server] = {}
 
     def server_for(self, key: str) -> _Server:
-        return self._servers[self._ring.get_node(key)]
+        """Hashing a key costs tens of microseconds in pure Python: remember recent ones."""
+        if self._only is not None:
+            return self._only
+        server = self._placed.get(key)
+        if server is None:
+            placed = self._placed
+            if len(placed) >= PLACEMENT_CACHE:
+                del placed[next(iter(placed))]
+            server = placed[key] = self._servers[self._ring.get_node(key)]
+        return server
 
     def servers(self) -> list[_Server]:
         return list(self._servers.values())
