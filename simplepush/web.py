@@ -11,7 +11,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from http.client import responses
 from typing import Any
 
@@ -37,6 +37,7 @@ from simplepush.wsframes import accept_key
 
 SUBPROTOCOL = "push-notification"
 UPDATE_PREFIX = "/update/"
+PUSH_PREFIX = "/push/"
 
 
 class DeviceSocket(RequestHandler):
@@ -125,17 +126,21 @@ class UpdateHandler(JSONHandler):
         super().write_error(status_code, **kwargs)
 
 
+# Picks a lean delegate for a hot request, or None to let the Application serve it.
+FastPath = Callable[[RequestStartLine, HTTPConnection], HTTPMessageDelegate | None]
+
+
 class FrontDoor(HTTPServerConnectionDelegate):
-    """Sends PUT /update/ straight to UpdateRequest, everything else to the Application.
+    """Sends the hot requests (PUT /update/, PUT /push/) to lean delegates, the rest to the app.
 
     Why: tornado.web's routing and RequestHandler cost more per PUT than
-    storing and delivering the update (see docs/PERFORMANCE.md); the
-    endpoint needs none of their features.
+    storing and delivering the update (see docs/PERFORMANCE.md); these
+    requests need none of their features.
     """
 
-    def __init__(self, app: Application, node: Node) -> None:
+    def __init__(self, app: Application, fast: FastPath) -> None:
         self.app = app
-        self._node = node
+        self.fast = fast
 
     def start_request(
         self, server_conn: object, request_conn: HTTPConnection
@@ -160,10 +165,9 @@ class _Dispatch(HTTPMessageDelegate):
     ) -> Awaitable[None] | None:
         assert isinstance(start_line, RequestStartLine)
         door = self._door
-        if start_line.method == "PUT" and start_line.path.startswith(UPDATE_PREFIX):
-            self._target = UpdateRequest(door._node, self._request_conn)
-        else:
-            self._target = door.app.start_request(self._server_conn, self._request_conn)
+        self._target = door.fast(start_line, self._request_conn) or door.app.start_request(
+            self._server_conn, self._request_conn
+        )
         return self._target.headers_received(start_line, headers)
 
     def data_received(self, chunk: bytes) -> Awaitable[None] | None:
@@ -175,6 +179,19 @@ class _Dispatch(HTTPMessageDelegate):
     def on_connection_close(self) -> None:
         if self._target is not None:
             self._target.on_connection_close()
+
+
+def _reply(
+    connection: HTTPConnection, status: int, body: bytes, extra: dict[str, str] | None = None
+) -> None:
+    """A whole JSON answer in one write."""
+    headers = HTTPHeaders({"Content-Type": "application/json", "Content-Length": str(len(body))})
+    if extra:
+        headers.update(extra)
+    connection.write_headers(
+        ResponseStartLine("HTTP/1.1", status, responses[status]), headers, body
+    )
+    connection.finish()
 
 
 class UpdateRequest(HTTPMessageDelegate):
@@ -221,22 +238,10 @@ class UpdateRequest(HTTPMessageDelegate):
             answer = endpoint.Answer(500, b'{"status":500,"error":"Internal Server Error"}')
         if self._gone:
             return
-        headers = HTTPHeaders(
-            {
-                "Content-Type": "application/json",
-                "Content-Length": str(len(answer.body)),
-                "Access-Control-Allow-Origin": "*",
-                "Date": format_timestamp(time.time()),
-            }
-        )
+        extra = {"Access-Control-Allow-Origin": "*", "Date": format_timestamp(time.time())}
         if answer.retry_after:
-            headers["Retry-After"] = endpoint.RETRY_AFTER
-        self._connection.write_headers(
-            ResponseStartLine("HTTP/1.1", answer.status, responses[answer.status]),
-            headers,
-            answer.body,
-        )
-        self._connection.finish()
+            extra["Retry-After"] = endpoint.RETRY_AFTER
+        _reply(self._connection, answer.status, answer.body, extra)
         event(
             logging.WARNING if answer.status >= 500 else logging.DEBUG,
             "http.request",
@@ -285,6 +290,11 @@ class RealStatusHandler(JSONHandler):
         )
 
 
+def authorized(headers: HTTPHeaders, secrets: list[str]) -> bool:
+    offered = headers.get("Authorization", "").removeprefix("Bearer ")
+    return any(hmac.compare_digest(offered, secret) for secret in secrets)
+
+
 class InternalHandler(JSONHandler):
     """Base of the node-to-node endpoints: only peers holding the shared secret get in."""
 
@@ -293,35 +303,57 @@ class InternalHandler(JSONHandler):
         self._secrets = secrets
 
     def prepare(self) -> None:
-        offered = self.request.headers.get("Authorization", "").removeprefix("Bearer ")
-        if not any(hmac.compare_digest(offered, secret) for secret in self._secrets):
+        if not authorized(self.request.headers, self._secrets):
             event(logging.WARNING, "router.unauthorized", peer=self.request.remote_ip)
             raise HTTPError(401, reason="Unauthorized")
 
 
-class PushHandler(InternalHandler):
+class PushRequest(HTTPMessageDelegate):
     """PUT /push/<uaid>: a peer stored an update for a device this node holds."""
 
-    def put(self, uaid: str) -> None:
+    def __init__(self, node: Node, secrets: list[str], connection: HTTPConnection) -> None:
+        self._node = node
+        self._secrets = secrets
+        self._connection = connection
+        self._uaid = ""
+        self._allowed = False
+        self._chunks: list[bytes] = []
+
+    def headers_received(
+        self, start_line: RequestStartLine | ResponseStartLine, headers: HTTPHeaders
+    ) -> None:
+        assert isinstance(start_line, RequestStartLine)
+        self._uaid = start_line.path[len(PUSH_PREFIX) :]
+        self._allowed = authorized(headers, self._secrets)
+
+    def data_received(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+
+    def finish(self) -> None:
+        status, body = self._deliver()
+        _reply(self._connection, status, body)
+
+    def _deliver(self) -> tuple[int, bytes]:
         node = self._node
+        if not self._allowed:
+            event(logging.WARNING, "router.unauthorized")
+            return 401, b'{"status":401,"error":"Unauthorized"}'
         node.metrics.incr("updates.routed.incoming")
         try:
-            body = json.loads(self.request.body)
+            body = json.loads(b"".join(self._chunks))
             channel_id, version, data = body["channelID"], body["version"], body.get("data")
         except (ValueError, KeyError, TypeError):
-            channel_id = None
-        if (
-            type(channel_id) is not str
-            or type(version) is not int
-            or type(data) not in (str, type(None))
-        ):
-            raise HTTPError(400, reason="Bad Update")
-        update = Update(channel_id, version, data)
-        session = node.registry.get(uaid)
-        if session is not None and session.deliver(update):
-            self.write_json(200, {})
-        else:
-            self.write_json(404, {"status": 404, "error": "Not Connected Here"})
+            channel_id = version = data = None
+        valid_data = data is None or type(data) is str
+        if type(channel_id) is not str or type(version) is not int or not valid_data:
+            return 400, b'{"status":400,"error":"Bad Update"}'
+        session = node.registry.get(self._uaid)
+        if session is not None and session.deliver(Update(channel_id, version, data)):
+            return 200, b"{}"
+        return 404, b'{"status":404,"error":"Not Connected Here"}'
+
+    def on_connection_close(self) -> None:
+        return None
 
 
 class KickHandler(InternalHandler):
@@ -336,16 +368,22 @@ class KickHandler(InternalHandler):
         self.write_json(200, {})
 
 
-def make_internal_app(node: Node, secrets: list[str]) -> Application:
+def make_internal_app(node: Node, secrets: list[str]) -> FrontDoor:
     """The internal listener (router_host:router_port + i); never the public port."""
     args = {"node": node, "secrets": secrets}
-    return Application(
+
+    def fast(line: RequestStartLine, connection: HTTPConnection) -> HTTPMessageDelegate | None:
+        if line.method == "PUT" and line.path.startswith(PUSH_PREFIX):
+            return PushRequest(node, secrets, connection)
+        return None
+
+    app = Application(
         [
-            (r"/push/([0-9a-f]{32})", PushHandler, args),
             (r"/notif/([0-9a-f]{32})/([0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?)", KickHandler, args),
         ],
         log_function=_log_request,
     )
+    return FrontDoor(app, fast)
 
 
 def make_app(node: Node) -> FrontDoor:
@@ -359,7 +397,13 @@ def make_app(node: Node) -> FrontDoor:
         ],
         log_function=_log_request,
     )
-    return FrontDoor(app, node)
+
+    def fast(line: RequestStartLine, connection: HTTPConnection) -> HTTPMessageDelegate | None:
+        if line.method == "PUT" and line.path.startswith(UPDATE_PREFIX):
+            return UpdateRequest(node, connection)
+        return None
+
+    return FrontDoor(app, fast)
 
 
 def _log_request(handler: RequestHandler) -> None:
