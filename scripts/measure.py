@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import socket
 import statistics
@@ -76,6 +77,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_port_run(count: int) -> int:
+    """A port p with p .. p+count-1 all free (worker i's internal listener is p + i)."""
+    while True:
+        base = random.randrange(20000, 32000 - count)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
 
 
 def statsd_sink() -> tuple[int, list[int]]:
@@ -144,7 +158,7 @@ def one_run(args: argparse.Namespace, bench_args: list[str], statsd_port: int | 
         settings[:0] = [
             "storage.backend=memcached",
             f"storage.servers=127.0.0.1:{memcached_port}",
-            f"server.router_port={free_port()}",
+            f"server.router_port={free_port_run(16)}",
         ]
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "config.ini"
