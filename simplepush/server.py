@@ -15,6 +15,7 @@ from tornado.netutil import bind_sockets
 
 from simplepush import __version__, logs
 from simplepush.config import ConfigError, Settings, StorageSettings
+from simplepush.internal import serve_internal
 from simplepush.logs import event
 from simplepush.metrics import Metrics, NullMetrics
 from simplepush.node import Node
@@ -26,7 +27,7 @@ from simplepush.store.memcached import MemcachedStore
 from simplepush.store.memory import MemoryStore
 from simplepush.supervisor import supervise
 from simplepush.tokens import TokenCodec, generate_key
-from simplepush.web import make_app, make_internal_app
+from simplepush.web import make_app
 
 GOING_AWAY = (1001, "server shutting down")
 # Devices reconnect in storms after an outage; Tornado's default of 128 drops them.
@@ -172,10 +173,9 @@ async def serve(settings: Settings, public: list, internal: list, index: int = 0
     node = build_node(settings, index)
     http_server = HTTPServer(make_app(node))
     http_server.add_sockets(public)
-    internal_server = HTTPServer(
-        make_internal_app(node, router_secrets(list(settings.server.token_key)))
+    internal_servers = await serve_internal(
+        node, router_secrets(list(settings.server.token_key)), internal
     )
-    internal_server.add_sockets(internal)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -194,7 +194,8 @@ async def serve(settings: Settings, public: list, internal: list, index: int = 0
     )
     await stopping.wait()
     http_server.stop()
-    internal_server.stop()
+    for internal_server in internal_servers:
+        internal_server.close()
     open_sockets = len(node.registry)
     node.registry.close_all(*GOING_AWAY)
     deadline = loop.time() + SHUTDOWN_GRACE

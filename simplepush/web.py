@@ -7,7 +7,6 @@ router and translate outcomes back; no protocol rule lives here.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -30,14 +29,11 @@ from simplepush import __version__, endpoint
 from simplepush.connection import DeviceConnection
 from simplepush.logs import event
 from simplepush.node import Node
-from simplepush.registry import SUPERSEDED
 from simplepush.store import StoreError
-from simplepush.updates import Update
 from simplepush.wsframes import accept_key
 
 SUBPROTOCOL = "push-notification"
 UPDATE_PREFIX = "/update/"
-PUSH_PREFIX = "/push/"
 
 
 class DeviceSocket(RequestHandler):
@@ -131,11 +127,11 @@ FastPath = Callable[[RequestStartLine, HTTPConnection], HTTPMessageDelegate | No
 
 
 class FrontDoor(HTTPServerConnectionDelegate):
-    """Sends the hot requests (PUT /update/, PUT /push/) to lean delegates, the rest to the app.
+    """Sends the hot request (PUT /update/) to a lean delegate, the rest to the Application.
 
     Why: tornado.web's routing and RequestHandler cost more per PUT than
-    storing and delivering the update (see docs/PERFORMANCE.md); these
-    requests need none of their features.
+    storing and delivering the update (see docs/PERFORMANCE.md); the
+    endpoint needs none of their features.
     """
 
     def __init__(self, app: Application, fast: FastPath) -> None:
@@ -179,6 +175,18 @@ class _Dispatch(HTTPMessageDelegate):
     def on_connection_close(self) -> None:
         if self._target is not None:
             self._target.on_connection_close()
+
+
+_date: tuple[int, str] = (0, "")
+
+
+def _http_date() -> str:
+    """The Date header, formatted once a second rather than once a response."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, format_timestamp(now))
+    return _date[1]
 
 
 def _reply(
@@ -238,7 +246,7 @@ class UpdateRequest(HTTPMessageDelegate):
             answer = endpoint.Answer(500, b'{"status":500,"error":"Internal Server Error"}')
         if self._gone:
             return
-        extra = {"Access-Control-Allow-Origin": "*", "Date": format_timestamp(time.time())}
+        extra = {"Access-Control-Allow-Origin": "*", "Date": _http_date()}
         if answer.retry_after:
             extra["Retry-After"] = endpoint.RETRY_AFTER
         _reply(self._connection, answer.status, answer.body, extra)
@@ -288,102 +296,6 @@ class RealStatusHandler(JSONHandler):
                 "version": __version__,
             },
         )
-
-
-def authorized(headers: HTTPHeaders, secrets: list[str]) -> bool:
-    offered = headers.get("Authorization", "").removeprefix("Bearer ")
-    return any(hmac.compare_digest(offered, secret) for secret in secrets)
-
-
-class InternalHandler(JSONHandler):
-    """Base of the node-to-node endpoints: only peers holding the shared secret get in."""
-
-    def initialize(self, node: Node, secrets: list[str]) -> None:
-        self._node = node
-        self._secrets = secrets
-
-    def prepare(self) -> None:
-        if not authorized(self.request.headers, self._secrets):
-            event(logging.WARNING, "router.unauthorized", peer=self.request.remote_ip)
-            raise HTTPError(401, reason="Unauthorized")
-
-
-class PushRequest(HTTPMessageDelegate):
-    """PUT /push/<uaid>: a peer stored an update for a device this node holds."""
-
-    def __init__(self, node: Node, secrets: list[str], connection: HTTPConnection) -> None:
-        self._node = node
-        self._secrets = secrets
-        self._connection = connection
-        self._uaid = ""
-        self._allowed = False
-        self._chunks: list[bytes] = []
-
-    def headers_received(
-        self, start_line: RequestStartLine | ResponseStartLine, headers: HTTPHeaders
-    ) -> None:
-        assert isinstance(start_line, RequestStartLine)
-        self._uaid = start_line.path[len(PUSH_PREFIX) :]
-        self._allowed = authorized(headers, self._secrets)
-
-    def data_received(self, chunk: bytes) -> None:
-        self._chunks.append(chunk)
-
-    def finish(self) -> None:
-        status, body = self._deliver()
-        _reply(self._connection, status, body)
-
-    def _deliver(self) -> tuple[int, bytes]:
-        node = self._node
-        if not self._allowed:
-            event(logging.WARNING, "router.unauthorized")
-            return 401, b'{"status":401,"error":"Unauthorized"}'
-        node.metrics.incr("updates.routed.incoming")
-        try:
-            body = json.loads(b"".join(self._chunks))
-            channel_id, version, data = body["channelID"], body["version"], body.get("data")
-        except (ValueError, KeyError, TypeError):
-            channel_id = version = data = None
-        valid_data = data is None or type(data) is str
-        if type(channel_id) is not str or type(version) is not int or not valid_data:
-            return 400, b'{"status":400,"error":"Bad Update"}'
-        session = node.registry.get(self._uaid)
-        if session is not None and session.deliver(Update(channel_id, version, data)):
-            return 200, b"{}"
-        return 404, b'{"status":404,"error":"Not Connected Here"}'
-
-    def on_connection_close(self) -> None:
-        return None
-
-
-class KickHandler(InternalHandler):
-    """DELETE /notif/<uaid>/<connected_at>: a newer connection for uaid opened elsewhere."""
-
-    def delete(self, uaid: str, connected_at: str) -> None:
-        session = self._node.registry.get(uaid)
-        if session is None or session.connected_at > float(connected_at):
-            self.write_json(404, {"status": 404, "error": "Not Connected Here"})
-            return
-        session.close(*SUPERSEDED)
-        self.write_json(200, {})
-
-
-def make_internal_app(node: Node, secrets: list[str]) -> FrontDoor:
-    """The internal listener (router_host:router_port + i); never the public port."""
-    args = {"node": node, "secrets": secrets}
-
-    def fast(line: RequestStartLine, connection: HTTPConnection) -> HTTPMessageDelegate | None:
-        if line.method == "PUT" and line.path.startswith(PUSH_PREFIX):
-            return PushRequest(node, secrets, connection)
-        return None
-
-    app = Application(
-        [
-            (r"/notif/([0-9a-f]{32})/([0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?)", KickHandler, args),
-        ],
-        log_function=_log_request,
-    )
-    return FrontDoor(app, fast)
 
 
 def make_app(node: Node) -> FrontDoor:

@@ -1,0 +1,164 @@
+"""The internal listener: other nodes asking this one to act on its own sockets.
+
+    PUT    /push/<uaid>                  {"channelID", "version", "data"}: write
+                                         it to the device's socket (200) or 404
+    DELETE /notif/<uaid>/<connected_at>  close that socket if it is not newer
+
+Every request carries `Authorization: Bearer <secret>` (peers.router_secrets).
+
+Why not Tornado here: only simplepush's own peers talk to this port, always
+with keep-alive HTTP/1.1 and Content-Length bodies, and it sits on the path
+of every routed notification; Tornado's HTTP/1.1 connection and handlers
+cost about a third of a worker's CPU in that path (docs/PERFORMANCE.md).
+Anything else (chunked bodies, oversized heads) is refused and the
+connection closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+
+from simplepush.logs import event
+from simplepush.node import Node
+from simplepush.registry import SUPERSEDED
+from simplepush.updates import Update
+
+MAX_HEAD = 8192
+MAX_BODY = 64 * 1024
+_REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found"}
+_NOT_HERE = b'{"status":404,"error":"Not Connected Here"}'
+
+
+class InternalConnection(asyncio.Protocol):
+    __slots__ = ("_buffer", "_node", "_secrets", "_transport")
+
+    def __init__(self, node: Node, secrets: list[bytes]) -> None:
+        self._node = node
+        self._secrets = secrets
+        self._buffer = bytearray()
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        while self._transport is not None:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > MAX_HEAD:
+                    self._refuse(b"request head too large")
+                return
+            request = _Request.parse(bytes(buffer[:end]))
+            if request is None:
+                self._refuse(b"malformed request")
+                return
+            start = end + 4
+            if len(buffer) < start + request.length:
+                return
+            body = bytes(buffer[start : start + request.length])
+            del buffer[: start + request.length]
+            status, reply = self._handle(request, body)
+            self._transport.write(
+                b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (status, _REASONS[status], len(reply), reply)
+            )
+            if request.close:
+                self._transport.close()
+                return
+
+    def _handle(self, request: _Request, body: bytes) -> tuple[int, bytes]:
+        if not any(hmac.compare_digest(request.auth, secret) for secret in self._secrets):
+            event(logging.WARNING, "router.unauthorized")
+            return 401, b'{"status":401,"error":"Unauthorized"}'
+        parts = request.target.split(b"/")
+        if request.method == b"PUT" and len(parts) == 3 and parts[1] == b"push":
+            return self._push(parts[2].decode("ascii", "replace"), body)
+        if request.method == b"DELETE" and len(parts) == 4 and parts[1] == b"notif":
+            return self._kick(parts[2].decode("ascii", "replace"), parts[3])
+        return 404, b'{"status":404,"error":"Not Found"}'
+
+    def _push(self, uaid: str, body: bytes) -> tuple[int, bytes]:
+        node = self._node
+        node.metrics.incr("updates.routed.incoming")
+        try:
+            fields = json.loads(body)
+            channel_id, version, data = fields["channelID"], fields["version"], fields.get("data")
+        except (ValueError, KeyError, TypeError):
+            channel_id = version = data = None
+        valid_data = data is None or type(data) is str
+        if type(channel_id) is not str or type(version) is not int or not valid_data:
+            return 400, b'{"status":400,"error":"Bad Update"}'
+        session = node.registry.get(uaid)
+        if session is not None and session.deliver(Update(channel_id, version, data)):
+            return 200, b"{}"
+        return 404, _NOT_HERE
+
+    def _kick(self, uaid: str, connected_at: bytes) -> tuple[int, bytes]:
+        try:
+            since = float(connected_at)
+        except ValueError:
+            return 400, b'{"status":400,"error":"Bad Connection Time"}'
+        session = self._node.registry.get(uaid)
+        if session is None or session.connected_at > since:
+            return 404, _NOT_HERE
+        session.close(*SUPERSEDED)
+        return 200, b"{}"
+
+    def _refuse(self, reason: bytes) -> None:
+        event(logging.WARNING, "router.bad_request", error=reason.decode())
+        if self._transport is not None:
+            self._transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            self._transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+
+
+class _Request:
+    __slots__ = ("auth", "close", "length", "method", "target")
+
+    def __init__(self, method: bytes, target: bytes) -> None:
+        self.method = method
+        self.target = target
+        self.auth = b""
+        self.length = 0
+        self.close = False
+
+    @classmethod
+    def parse(cls, head: bytes) -> _Request | None:
+        """The request line and the few headers this listener reads, or None if malformed."""
+        lines = head.split(b"\r\n")
+        words = lines[0].split(b" ")
+        if len(words) != 3 or words[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+            return None
+        request = cls(words[0], words[1])
+        request.close = words[2] == b"HTTP/1.0"
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name, value = name.strip().lower(), value.strip()
+            if name == b"content-length":
+                if not value.isdigit() or int(value) > MAX_BODY:
+                    return None
+                request.length = int(value)
+            elif name == b"authorization":
+                request.auth = value.removeprefix(b"Bearer ")
+            elif name == b"transfer-encoding":
+                return None
+            elif name == b"connection":
+                request.close = value.lower() == b"close"
+        return request
+
+
+async def serve_internal(node: Node, secrets: list[str], sockets: list) -> list[asyncio.Server]:
+    loop = asyncio.get_running_loop()
+    keys = [secret.encode("ascii") for secret in secrets]
+    return [
+        await loop.create_server(lambda: InternalConnection(node, keys), sock=sock)
+        for sock in sockets
+    ]
