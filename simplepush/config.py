@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from simplepush.logs import collector_address
 from simplepush.tokens import is_valid_key
 
 
@@ -146,8 +147,7 @@ def _host_ports(text: str) -> tuple[str, ...]:
 def _log_output(text: str) -> str:
     if not text:
         raise ValueError("must be stdout, stderr, a file path, udp://host:port or tcp://host:port")
-    if text.startswith(("udp://", "tcp://")):
-        raise ValueError(f"{text[:6]} log collectors are not supported yet; use a file")
+    collector_address(text)  # a malformed udp:// or tcp:// URL raises ValueError
     return text
 
 

@@ -14,7 +14,7 @@ import time
 from collections import deque
 
 from simplepush import wsframes
-from simplepush.logs import event
+from simplepush.logs import event, log
 from simplepush.node import Node
 from simplepush.session import Session
 from simplepush.wsframes import CLOSE, PING, TEXT, FrameError, FrameReader
@@ -25,10 +25,14 @@ MAX_MESSAGE = 256 * 1024
 CLOSE_TIMEOUT = 5.0
 
 _OPEN, _CLOSING, _CLOSED = 0, 1, 2
+# The close code of a socket cut without a close frame (RFC 6455 7.1.5).
+ABNORMAL = 1006
 
 
 class DeviceConnection(asyncio.Protocol):
     __slots__ = (
+        "_close_code",
+        "_close_reason",
         "_close_timer",
         "_handshake",
         "_hello_timer",
@@ -51,6 +55,9 @@ class DeviceConnection(asyncio.Protocol):
         self._inbox: deque[str | None] | None = None
         self._hello_timer: asyncio.TimerHandle | None = None
         self._close_timer: asyncio.TimerHandle | None = None
+        # Why the socket ended, for the websocket.close event: the first close frame wins.
+        self._close_code = ABNORMAL
+        self._close_reason = "connection lost"
         self.session = Session(node, self, time.time())
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -59,8 +66,11 @@ class DeviceConnection(asyncio.Protocol):
         transport.write(self._handshake)
         self._handshake = b""
         node = self._node
-        node.registry.connections.add(self.session)
+        connections = node.registry.connections
+        connections.add(self.session)
         node.metrics.incr("client.socket.connect")
+        node.metrics.gauge("update.client.connections", len(connections))
+        event(logging.DEBUG, "websocket.open", clients=len(connections))
         if node.hello_timeout > 0:
             self._hello_timer = asyncio.get_running_loop().call_later(
                 node.hello_timeout, self._hello_expired
@@ -115,7 +125,7 @@ class DeviceConnection(asyncio.Protocol):
                     return
                 text = self._inbox.popleft()
         except Exception:
-            logging.getLogger("simplepush").exception("websocket.error")
+            log.exception("websocket.error", extra={"event_type": "websocket.error", "fields": {}})
             session.close(wsframes.SERVER_ERROR, "internal error")
         finally:
             self._task = None
@@ -131,6 +141,7 @@ class DeviceConnection(asyncio.Protocol):
         if self._state != _OPEN:
             return
         self._state = _CLOSING
+        self._close_code, self._close_reason = code, reason
         self._inbox = None
         self._transport.write(wsframes.encode_close(code, reason))
         self._close_timer = asyncio.get_running_loop().call_later(
@@ -140,6 +151,8 @@ class DeviceConnection(asyncio.Protocol):
     def _peer_closed(self, payload: bytes) -> None:
         code, _reason = wsframes.parse_close(payload)
         if self._state == _OPEN:
+            # The device's own reason text is not logged: it is whatever the device sent.
+            self._close_code, self._close_reason = code, "closed by device"
             reply = b"" if code == wsframes.NO_STATUS else payload[:2]
             self._transport.write(wsframes.encode(CLOSE, reply))
             event(logging.DEBUG, "websocket.closed_by_device", code=code)
@@ -150,6 +163,7 @@ class DeviceConnection(asyncio.Protocol):
         """The device broke framing: nothing more it sends can be trusted, so cut now."""
         event(logging.INFO, "websocket.dropped", reason=reason, code=code)
         if self._state == _OPEN:
+            self._close_code, self._close_reason = code, reason
             self._transport.write(wsframes.encode_close(code, reason))
         self._state = _CLOSED
         self._transport.close()
@@ -162,8 +176,21 @@ class DeviceConnection(asyncio.Protocol):
                 timer.cancel()
         self._hello_timer = self._close_timer = None
         session = self.session
+        identified = session.key is not None
         session.on_closed()
         node = self._node
-        node.registry.connections.discard(session)
-        node.metrics.incr("client.socket.disconnect")
-        node.metrics.timing("client.socket.lifespan", (time.time() - session.connected_at) * 1000)
+        connections = node.registry.connections
+        connections.discard(session)
+        lifespan = time.time() - session.connected_at
+        metrics = node.metrics
+        metrics.incr("client.socket.disconnect")
+        metrics.gauge("update.client.connections", len(connections))
+        metrics.timing("client.socket.lifespan", lifespan * 1000)
+        event(
+            logging.INFO,
+            "websocket.close",
+            duration_s=round(lifespan, 3),
+            code=self._close_code,
+            reason=self._close_reason,
+            identified=identified,
+        )

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from tornado.httputil import parse_qs_bytes
 
-from simplepush.logs import event
+from simplepush.logs import event, log
 from simplepush.node import Node
 from simplepush.router import Delivery
 from simplepush.store import StoreError
@@ -29,7 +29,12 @@ class Answer:
     retry_after: bool = False
 
 
-ACCEPTED = {Delivery.DELIVERED: Answer(200, b"{}"), Delivery.STORED: Answer(202, b"{}")}
+DELIVERED = Answer(200, b"{}")
+ACCEPTED = {
+    Delivery.DELIVERED: DELIVERED,
+    Delivery.ROUTED: DELIVERED,
+    Delivery.STORED: Answer(202, b"{}"),
+}
 
 
 def _error(status: int, text: str, retry_after: bool = False) -> Answer:
@@ -52,8 +57,24 @@ async def update(
     node: Node, token: str, content_type: str | None, body: bytes, query: str
 ) -> Answer:
     """Validate, store, deliver; the version is checked before the token (as pushgo)."""
-    metrics = node.metrics
     start = time.monotonic()
+    answer, outcome = await _update(node, token, content_type, body, query, start)
+    if log.isEnabledFor(logging.DEBUG):
+        event(
+            logging.DEBUG,
+            "update.received",
+            status=answer.status,
+            outcome=outcome,
+            duration_ms=round((time.monotonic() - start) * 1000, 3),
+        )
+    return answer
+
+
+async def _update(
+    node: Node, token: str, content_type: str | None, body: bytes, query: str, start: float
+) -> tuple[Answer, str]:
+    """The answer and a one-word outcome for the debug log."""
+    metrics = node.metrics
     metrics.incr("updates.appserver.incoming")
     try:
         fields = form(content_type, body)
@@ -63,19 +84,19 @@ async def update(
     except RejectedUpdate as exc:
         too_long = isinstance(exc, DataTooLong)
         metrics.incr("updates.appserver.toolong" if too_long else "updates.appserver.invalid")
-        return _error(exc.status, exc.error)
+        return _error(exc.status, exc.error), "too_long" if too_long else "invalid"
     ids = node.tokens.decode(token)
     if ids is None:
         metrics.incr("updates.appserver.invalid")
-        return INVALID_TOKEN
+        return INVALID_TOKEN, "invalid_token"
     try:
         delivery = await node.router.notify(ids[0], ids[1], version, data)
     except StoreError as exc:
         metrics.incr("updates.appserver.error")
-        event(logging.ERROR, "storage.error", op="update", error=str(exc))
-        return UNAVAILABLE
+        node.storage_failed("update", exc)
+        return UNAVAILABLE, "storage_error"
     if delivery is Delivery.UNKNOWN_CHANNEL:
         metrics.incr("updates.appserver.rejected")
-        return UNKNOWN_CHANNEL
+        return UNKNOWN_CHANNEL, delivery.value
     metrics.timing("updates.handled", (time.monotonic() - start) * 1000)
-    return ACCEPTED[delivery]
+    return ACCEPTED[delivery], delivery.value

@@ -23,9 +23,12 @@ from simplepush.store import Holder, Store, StoreError
 
 
 class Delivery(enum.Enum):
-    UNKNOWN_CHANNEL = 404
-    DELIVERED = 200
-    STORED = 202
+    """What became of an update; the value names it in logs."""
+
+    UNKNOWN_CHANNEL = "unknown_channel"
+    DELIVERED = "delivered"  # written to a socket on this node
+    ROUTED = "routed"  # written to a socket on another node
+    STORED = "stored"
 
 
 class Router:
@@ -54,7 +57,7 @@ class Router:
         else:
             self._metrics.incr("updates.routed.outgoing")
             if await self._peers.push(holder.node, uaid, update):
-                return Delivery.DELIVERED
+                return Delivery.ROUTED
             self._metrics.incr("updates.routed.error")
         # The holder no longer has the socket: forget it unless a newer one took over.
         await self._store.release(uaid, holder)

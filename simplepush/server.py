@@ -180,6 +180,8 @@ async def serve(settings: Settings, public: list, internal: list, index: int = 0
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    # logrotate moved the log file: write to a fresh one at the configured path
+    loop.add_signal_handler(signal.SIGHUP, logs.reopen)
     event(
         logging.INFO,
         "server.start",

@@ -8,11 +8,12 @@ the registry only; the socket is a Transport it writes to and closes.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import Any, Protocol
 
 from simplepush import protocol
-from simplepush.logs import event
+from simplepush.logs import event, log
 from simplepush.node import Node
 from simplepush.protocol import Ack, Drop, Hello, Ping, Register, Reject, Unregister
 from simplepush.registry import SUPERSEDED
@@ -71,7 +72,7 @@ class Session:
                 event(logging.INFO, "websocket.dropped", reason=outcome.reason)
                 self.close(INVALID_PAYLOAD, outcome.reason)
         except StoreError as exc:
-            event(logging.ERROR, "storage.error", error=str(exc))
+            self._node.storage_failed(kind.__name__.lower(), exc)
             raw: dict[str, Any] = getattr(outcome, "raw", {"messageType": "ack"})
             self._transport.send(protocol.error_reply(raw, 503))
             self.close(SERVER_ERROR, "storage unavailable")
@@ -117,8 +118,11 @@ class Session:
         if other is not None:
             node.router.displaced(key, other)
         self.key, self.uaid = key, uaid
+        node.devices += 1
         node.metrics.incr("updates.client.hello")
         event(logging.INFO, "websocket.hello", uaid_state=outcome, channels=hello.channel_count)
+        # The UAID names a device: it goes only into debug logs.
+        event(logging.DEBUG, "websocket.identified", uaid=uaid, uaid_state=outcome)
         self._transport.send(protocol.hello_reply(uaid))
         await self._flush()
 
@@ -128,8 +132,22 @@ class Session:
             self.key, register.key, register.channel_id, node.max_channels
         ):
             self._transport.send(protocol.error_reply(register.raw, 413))
+            event(
+                logging.DEBUG,
+                "websocket.register",
+                uaid=self.uaid,
+                channelID=register.channel_id,
+                status=413,
+            )
             return
         node.metrics.incr("updates.client.register")
+        event(
+            logging.DEBUG,
+            "websocket.register",
+            uaid=self.uaid,
+            channelID=register.channel_id,
+            status=200,
+        )
         endpoint = node.endpoint(self.key, register.key)
         self._transport.send(protocol.register_reply(register.channel_id, self.uaid, endpoint))
 
@@ -137,28 +155,58 @@ class Session:
         if unregister.key is not None:
             await self._node.store.unregister(self.key, unregister.key)
         self._node.metrics.incr("updates.client.unregister")
+        event(
+            logging.DEBUG,
+            "websocket.unregister",
+            uaid=self.uaid,
+            channelID=unregister.channel_id,
+            status=200,
+        )
         self._transport.send(protocol.unregister_reply(unregister.channel_id))
 
     async def _ack(self, ack: Ack) -> None:
-        self._node.metrics.incr("updates.client.ack")
+        metrics = self._node.metrics
+        metrics.incr("updates.client.ack")
+        start = time.monotonic() if metrics.enabled else 0.0
         remaining = await self._node.store.ack(self.key, ack.acks)
         if remaining:
             self._send_updates(remaining)
+        if metrics.enabled:
+            metrics.timing("client.flush", (time.monotonic() - start) * 1000)
+        if log.isEnabledFor(logging.DEBUG):
+            event(
+                logging.DEBUG,
+                "websocket.ack",
+                uaid=self.uaid,
+                acked=len(ack.acks),
+                resent=len(remaining),
+            )
 
     async def _flush(self) -> None:
+        """Send what was stored while the device was away; `client.flush` times it."""
+        metrics = self._node.metrics
+        start = time.monotonic() if metrics.enabled else 0.0
         pending = await self._node.store.pending(self.key)
         if pending:
             self._send_updates(pending)
+        if metrics.enabled:
+            metrics.timing("client.flush", (time.monotonic() - start) * 1000)
+        if pending:
+            event(logging.DEBUG, "websocket.flush", uaid=self.uaid, updates=len(pending))
 
     def _send_updates(self, updates: list[Update]) -> None:
         if self._transport.send(protocol.notification(updates)):
             self._node.metrics.incr("updates.sent", len(updates))
+            if log.isEnabledFor(logging.DEBUG):
+                event(logging.DEBUG, "websocket.notification", uaid=self.uaid, updates=len(updates))
 
     def deliver(self, update: Update) -> bool:
         """A live update from the router; False if the socket is gone."""
         if self.closed or not self._transport.send(protocol.notification((update,))):
             return False
         self._node.metrics.incr("updates.sent")
+        if log.isEnabledFor(logging.DEBUG):
+            event(logging.DEBUG, "websocket.notification", uaid=self.uaid, updates=1)
         return True
 
     def close(self, code: int, reason: str) -> None:
@@ -172,5 +220,6 @@ class Session:
             return
         self.closed = True
         if self.key is not None:
+            self._node.devices -= 1
             self._node.registry.release(self.key, self)
             self._node.router.disconnected(self.key, self.connected_at)

@@ -14,6 +14,7 @@ import signal
 import time
 from collections.abc import Callable
 
+from simplepush import logs
 from simplepush.logs import event
 
 # A worker that keeps dying is restarted at most this often.
@@ -30,6 +31,8 @@ def supervise(count: int, work: Callable[[int], int]) -> int:
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            # the parent's forwarding handler is not ours; until serve() sets its own
+            signal.signal(signal.SIGHUP, lambda signum, frame: logs.reopen())
             code = 1
             try:
                 code = work(index)
@@ -48,8 +51,16 @@ def supervise(count: int, work: Callable[[int], int]) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
+    def reopen(signum: int, frame: object) -> None:
+        """logrotate's SIGHUP: reopen our log file and have every worker reopen its own."""
+        logs.reopen()
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reopen)
     for index in range(count):
         spawn(index)
     while children:

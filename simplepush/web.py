@@ -27,7 +27,7 @@ from tornado.web import Application, HTTPError, RequestHandler
 
 from simplepush import __version__, endpoint
 from simplepush.connection import DeviceConnection
-from simplepush.logs import event
+from simplepush.logs import event, log
 from simplepush.node import Node
 from simplepush.store import StoreError
 from simplepush.wsframes import accept_key
@@ -242,7 +242,7 @@ class UpdateRequest(HTTPMessageDelegate):
                 query,
             )
         except Exception:
-            logging.getLogger("simplepush").exception("update.error")
+            log.exception("update.error", extra={"event_type": "update.error", "fields": {}})
             answer = endpoint.Answer(500, b'{"status":500,"error":"Internal Server Error"}')
         if self._gone:
             return
@@ -281,18 +281,28 @@ class RealStatusHandler(JSONHandler):
     async def get(self) -> None:
         node = self._node
         error = ""
+        start = time.monotonic()
         try:
             await node.store.check()
         except StoreError as exc:
-            error = str(exc) or type(exc).__name__
+            error = node.storage_failed("check", exc, logging.WARNING)
+        rtt_ms = round((time.monotonic() - start) * 1000, 3)
         ok = not error
         self.write_json(
             200 if ok else 503,
             {
                 "ok": ok,
                 "clients": len(node.registry),
+                "devices": node.devices,
                 "max_clients": node.max_connections,
-                "storage": {"ok": ok, "error": error},
+                "storage": {
+                    "ok": ok,
+                    "error": error,
+                    "rtt_ms": rtt_ms,
+                    "last_error": node.last_storage_error,
+                    "last_error_at": node.last_storage_error_at,
+                },
+                "uptime_s": round(time.time() - node.started_at, 3),
                 "version": __version__,
             },
         )

@@ -492,15 +492,20 @@ async def test_status_counts_open_device_sockets(connect, put, http_port, path, 
 async def test_realstatus_reports_storage_and_limits(connect, put, http_port, path):
     device = await connect()
     await device.hello()
+    await connect()  # open but not identified: a client, not a device
     response = await put(url(http_port, path), headers={}, method="GET")
-    assert_answer(
-        response,
-        200,
-        {
-            "ok": True,
-            "clients": 1,
-            "max_clients": 7,
-            "storage": {"ok": True, "error": ""},
-            "version": __version__,
-        },
-    )
+    assert response.code == 200, (response.code, response.body)
+    assert response.headers["Content-Type"].split(";")[0] == "application/json"
+    body = json.loads(response.body)
+    # Measured values: checked for type and range, then the rest exactly.
+    rtt_ms, uptime_s = body["storage"].pop("rtt_ms"), body.pop("uptime_s")
+    assert type(rtt_ms) in (int, float) and 0 <= rtt_ms < 5000, rtt_ms
+    assert type(uptime_s) in (int, float) and 0 <= uptime_s < 60, uptime_s
+    assert body == {
+        "ok": True,
+        "clients": 2,
+        "devices": 1,
+        "max_clients": 7,
+        "storage": {"ok": True, "error": "", "last_error": "", "last_error_at": None},
+        "version": __version__,
+    }

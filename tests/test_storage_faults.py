@@ -113,7 +113,7 @@ async def test_a_command_while_memcached_is_down_is_503_and_closed(connect, memc
     assert await device.expect_closed() == SERVER_ERROR
 
 
-@pytest.mark.gen_test
+@pytest.mark.gen_test(timeout=15)
 async def test_realstatus_says_why_while_status_stays_200(http_client, http_port, memcached_proc):
     assert (await get_json(http_client, http_port, "/realstatus"))[0] == 200
     memcached_proc.stop()
@@ -123,8 +123,20 @@ async def test_realstatus_says_why_while_status_stays_200(http_client, http_port
     assert body["storage"]["ok"] is False
     assert memcached_proc.address in body["storage"]["error"]
     assert "refused" in body["storage"]["error"].lower()
+    # The failed check is remembered, with when, for after storage is back.
+    assert body["storage"]["last_error"] == body["storage"]["error"]
+    failed_at = body["storage"]["last_error_at"]
+    assert type(failed_at) is float and abs(failed_at - time.time()) < 5
+    assert type(body["storage"]["rtt_ms"]) in (int, float) and body["storage"]["rtt_ms"] >= 0
+    assert body["devices"] == 0 and body["clients"] == 0
     code, body = await get_json(http_client, http_port, "/status")
     assert (code, body["status"]) == (200, "OK")
+    memcached_proc.start()
+    await wait_until_healthy(http_client, http_port)
+    code, body = await get_json(http_client, http_port, "/realstatus")
+    assert body["storage"]["ok"] is True and body["storage"]["error"] == ""
+    assert memcached_proc.address in body["storage"]["last_error"]
+    assert body["storage"]["last_error_at"] >= failed_at
 
 
 # --- memcached back -------------------------------------------------------------
