@@ -13,7 +13,7 @@ import json
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from simplepush.updates import Update
@@ -93,6 +93,7 @@ class Unregister:
 @dataclass(slots=True, frozen=True)
 class Ack:
     acks: tuple[tuple[str, int], ...]  # (channel key, version)
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)  # echoed in an error
 
 
 @dataclass(slots=True, frozen=True)
@@ -242,7 +243,7 @@ def _parse_ack(obj: dict[str, Any]) -> Ack:
             key = uuid_key(channel_id)
             if key is not None and 0 <= version <= _MAX_VERSION:
                 acks.append((key, version))
-    return Ack(tuple(acks))
+    return Ack(tuple(acks), obj)
 
 
 def _dump(obj: dict[str, Any]) -> str:

@@ -73,7 +73,7 @@ class Session:
                 self.close(INVALID_PAYLOAD, outcome.reason)
         except StoreError as exc:
             self._node.storage_failed(kind.__name__.lower(), exc)
-            raw: dict[str, Any] = getattr(outcome, "raw", {"messageType": "ack"})
+            raw: dict[str, Any] = outcome.raw  # only commands with a frame reach the store
             self._transport.send(protocol.error_reply(raw, 503))
             self.close(SERVER_ERROR, "storage unavailable")
 

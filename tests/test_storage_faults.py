@@ -103,12 +103,14 @@ async def test_a_hello_while_memcached_is_down_is_503_and_closed(
     assert await device.expect_closed() == SERVER_ERROR
 
 
-@pytest.mark.parametrize("mtype", ["register", "unregister"])
+@pytest.mark.parametrize("mtype", ["register", "unregister", "ack"])
 @pytest.mark.gen_test
 async def test_a_command_while_memcached_is_down_is_503_and_closed(connect, memcached_proc, mtype):
     device, chid, _ = await registered(connect)
     memcached_proc.stop()
     frame = {"messageType": mtype, "channelID": chid}
+    if mtype == "ack":
+        frame = {"messageType": "ack", "updates": [{"channelID": chid, "version": 1}]}
     assert await device.request(frame) == {**frame, **SERVICE_UNAVAILABLE}
     assert await device.expect_closed() == SERVER_ERROR
 
