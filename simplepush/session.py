@@ -128,26 +128,20 @@ class Session:
 
     async def _register(self, register: Register) -> None:
         node = self._node
-        if not await node.store.register(
+        registered = await node.store.register(
             self.key, register.key, register.channel_id, node.max_channels
-        ):
-            self._transport.send(protocol.error_reply(register.raw, 413))
-            event(
-                logging.DEBUG,
-                "websocket.register",
-                uaid=self.uaid,
-                channelID=register.channel_id,
-                status=413,
-            )
-            return
-        node.metrics.incr("updates.client.register")
+        )
         event(
             logging.DEBUG,
             "websocket.register",
             uaid=self.uaid,
             channelID=register.channel_id,
-            status=200,
+            status=200 if registered else 413,
         )
+        if not registered:
+            self._transport.send(protocol.error_reply(register.raw, 413))
+            return
+        node.metrics.incr("updates.client.register")
         endpoint = node.endpoint(self.key, register.key)
         self._transport.send(protocol.register_reply(register.channel_id, self.uaid, endpoint))
 

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from simplepush.bench.device import ACK, READY, Device, Shared, mask_frame
 from simplepush.bench.report import percentiles
 from simplepush.bench.settings import parse_source_ips
 from simplepush.httpclient import HttpConn, HttpPool
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 # Bounds for waiting on processes, not performance thresholds.
@@ -221,12 +221,6 @@ def test_source_ips_and_percentiles() -> None:
 
 
 # --- whole runs against the real server ---------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

@@ -28,6 +28,7 @@ from cryptography.fernet import Fernet
 
 from simplepush.config import load
 from simplepush.tokens import generate_key, is_valid_key
+from tests.conftest import free_port
 
 SCRIPT = Path(sys.executable).parent / "simplepush"
 SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "config.ini"
@@ -43,12 +44,6 @@ def script() -> Path:
     if not SCRIPT.is_file():
         pytest.fail(f"console script {SCRIPT} is missing: run `pip install -e .` in this venv")
     return SCRIPT
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_cli(script: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -80,43 +75,53 @@ def get_json(server: Server, path: str) -> dict:
         return json.loads(response.read())
 
 
+def launch(script: Path, tmp_path: Path, token_key: str | None = None, **logging: str) -> Server:
+    """The console script on a free port with these [logging] settings, answering /status.
+
+    A server that does not come up is killed before the test fails.
+    """
+    port = free_port()
+    config = tmp_path / f"server-{port}.ini"
+    config.write_text(
+        "[server]\n"
+        f"port = {port}\n"
+        f"endpoint_url = http://127.0.0.1:{port}\n"
+        f"token_key = {generate_key() if token_key is None else token_key}\n"
+        "[logging]\n" + "".join(f"{key} = {value}\n" for key, value in logging.items()),
+        encoding="utf-8",
+    )
+    stdout, stderr = tmp_path / f"stdout-{port}.log", tmp_path / f"stderr-{port}.log"
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        proc = subprocess.Popen(
+            [str(script), "--config", str(config)], stdout=out, stderr=err, cwd=tmp_path
+        )
+    server = Server(proc, port, stdout, stderr)
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited {proc.returncode}: {stderr.read_text()}")
+        try:
+            get_json(server, "/status")
+            return server
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait(timeout=EXIT_TIMEOUT)
+                pytest.fail(f"server did not answer /status within {START_TIMEOUT} s")
+            time.sleep(0.05)
+
+
 @pytest.fixture
 def start(script: Path, tmp_path: Path):
     """start(token_key=..., log_format=...): a server answering /status; killed at teardown."""
     started: list[Server] = []
 
     def _start(token_key: str | None = None, log_format: str = "json") -> Server:
-        port = free_port()
-        config = tmp_path / f"server-{port}.ini"
-        config.write_text(
-            "[server]\n"
-            f"port = {port}\n"
-            f"endpoint_url = http://127.0.0.1:{port}\n"
-            f"token_key = {generate_key() if token_key is None else token_key}\n"
-            "[logging]\n"
-            f"format = {log_format}\n"
-            "output = stdout\n"
-            "level = info\n",
-            encoding="utf-8",
+        server = launch(
+            script, tmp_path, token_key, format=log_format, output="stdout", level="info"
         )
-        stdout, stderr = tmp_path / f"stdout-{port}.log", tmp_path / f"stderr-{port}.log"
-        with stdout.open("wb") as out, stderr.open("wb") as err:
-            proc = subprocess.Popen(
-                [str(script), "--config", str(config)], stdout=out, stderr=err, cwd=tmp_path
-            )
-        server = Server(proc, port, stdout, stderr)
         started.append(server)
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited {proc.returncode}: {stderr.read_text()}")
-            try:
-                get_json(server, "/status")
-                return server
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server did not answer /status within {START_TIMEOUT} s")
-                time.sleep(0.05)
+        return server
 
     yield _start
     for server in started:

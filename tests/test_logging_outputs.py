@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import subprocess
 import time
 import urllib.request
 import uuid
@@ -24,17 +23,16 @@ import websocket
 
 from simplepush import logs
 from simplepush.config import load
-from simplepush.tokens import generate_key
 from tests.test_cli import (
     ENVELOPE,
     EXIT_TIMEOUT,
     IO_TIMEOUT,
     SCRIPT,
-    START_TIMEOUT,
     Server,
     assert_config_error,
     free_port,
     get_json,
+    launch,
     request,
     round_trip,
     run_cli,
@@ -59,36 +57,9 @@ def start(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     started: list[Server] = []
 
     def _start(output: str, level: str = "info") -> Server:
-        port = free_port()
-        config = tmp_path / f"server-{port}.ini"
-        config.write_text(
-            "[server]\n"
-            f"port = {port}\n"
-            f"endpoint_url = http://127.0.0.1:{port}\n"
-            f"token_key = {generate_key()}\n"
-            "[logging]\n"
-            f"output = {output}\n"
-            f"level = {level}\n",
-            encoding="utf-8",
-        )
-        stdout, stderr = tmp_path / f"stdout-{port}.log", tmp_path / f"stderr-{port}.log"
-        with stdout.open("wb") as out, stderr.open("wb") as err:
-            proc = subprocess.Popen(
-                [str(SCRIPT), "--config", str(config)], stdout=out, stderr=err, cwd=tmp_path
-            )
-        server = Server(proc, port, stdout, stderr)
+        server = launch(SCRIPT, tmp_path, output=output, level=level)
         started.append(server)
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited {proc.returncode}: {stderr.read_text()}")
-            try:
-                get_json(server, "/status")
-                return server
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server did not answer /status within {START_TIMEOUT} s")
-                time.sleep(0.05)
+        return server
 
     yield _start
     for server in started:

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import time
 import uuid
 from pathlib import Path
 
 import websocket
 
-from simplepush.tokens import generate_key
 from tests.test_cli import (
     ENVELOPE,
     EXIT_TIMEOUT,
-    START_TIMEOUT,
     Server,
     get_json,
+    launch,
     put,
     request,
     script,  # noqa: F401  (the fixture the tests below use)
@@ -46,38 +44,6 @@ SESSION_TYPES = [
     ("server.stop", "info"),
 ]
 FLAT = (str, int, float, bool, type(None))
-
-
-def start_server(program: Path, tmp_path: Path, level: str) -> Server:
-    """The console script with JSON logs on stdout at `level`, answering /status."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = tmp_path / f"{level}.ini"
-    config.write_text(
-        "[server]\n"
-        f"port = {port}\n"
-        f"endpoint_url = http://127.0.0.1:{port}\n"
-        f"token_key = {generate_key()}\n"
-        "[logging]\n"
-        "format = json\n"
-        "output = stdout\n"
-        f"level = {level}\n",
-        encoding="utf-8",
-    )
-    stdout, stderr = tmp_path / f"{level}.out", tmp_path / f"{level}.err"
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        proc = subprocess.Popen([str(program), "--config", str(config)], stdout=out, stderr=err)
-    server = Server(proc, port, stdout, stderr)
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        assert proc.poll() is None, f"server exited {proc.returncode}: {stderr.read_text()}"
-        try:
-            get_json(server, "/status")
-            return server
-        except OSError:
-            assert time.monotonic() < deadline, f"no /status within {START_TIMEOUT} s"
-            time.sleep(0.05)
 
 
 def session(server: Server) -> tuple[str, str]:
@@ -105,7 +71,7 @@ def session(server: Server) -> tuple[str, str]:
 def run(program: Path, tmp_path: Path, level: str) -> tuple[list[dict], str, str, int]:
     """One session against a fresh server; its records, the uaid and token, and its pid."""
     before = time.time_ns()
-    server = start_server(program, tmp_path, level)
+    server = launch(program, tmp_path, format="json", output="stdout", level=level)
     try:
         uaid, token = session(server)
     finally:
