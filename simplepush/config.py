@@ -10,6 +10,7 @@ from __future__ import annotations
 import configparser
 import os
 import re
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,6 +34,14 @@ class ServerSettings:
     token_key: tuple[str, ...] = ()
     router_host: str = "127.0.0.1"
     router_port: int = 8090
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    max_message_size: int = 256 * 1024
+    max_body_size: int = 64 * 1024
+    max_header_size: int = 16 * 1024
+    idle_timeout: float = 60.0
+    body_timeout: float = 10.0
+    min_ping_interval: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,14 +100,17 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"must be a number of seconds, got {text!r}") from None
-    if not 0 < value <= 60:
-        raise ValueError(f"must be more than 0 and at most 60 seconds, got {text}")
-    return value
+def _timeout_up_to(high: float) -> Callable[[str], float]:
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"must be a number of seconds, got {text!r}") from None
+        if not 0 < value <= high:
+            raise ValueError(f"must be more than 0 and at most {high:g} seconds, got {text}")
+        return value
+
+    return convert
 
 
 def _choice(*choices: str) -> Callable[[str], str]:
@@ -165,13 +177,23 @@ _SCHEMA: dict[str, dict[str, Callable[[str], object]]] = {
         "token_key": _token_keys,
         "router_host": _nonempty,
         "router_port": _PORT,
+        "ssl_certfile": str,
+        "ssl_keyfile": str,
+        # Below 256 KiB a command with a long field would be cut rather than answered.
+        "max_message_size": _integer(256 * 1024, 64 * 1024 * 1024),
+        # A PUT body holds version and up to 4096 bytes of data, percent-encoded: 12.3 KiB.
+        "max_body_size": _integer(16 * 1024, 64 * 1024 * 1024),
+        "max_header_size": _integer(4 * 1024, 1024 * 1024),
+        "idle_timeout": _timeout_up_to(86400),
+        "body_timeout": _timeout_up_to(3600),
+        "min_ping_interval": _seconds,
     },
     "storage": {
         "backend": _choice("memory", "memcached"),
         "servers": _host_ports,
         "pending_ttl": _integer(1, 3650 * 86400),
         "uaid_ttl": _integer(1, 3650 * 86400),
-        "timeout": _timeout,
+        "timeout": _timeout_up_to(60),
     },
     "logging": {
         "format": _choice("json", "text"),
@@ -229,11 +251,32 @@ def load(path: str) -> Settings:
 
 def _check_together(settings: Settings) -> None:
     path = settings.path
+    server = settings.server
+    if bool(server.ssl_certfile) != bool(server.ssl_keyfile):
+        given, missing = ("ssl_certfile", "ssl_keyfile")
+        if server.ssl_keyfile:
+            given, missing = missing, given
+        raise ConfigError(f"{path}: [server] {missing}: must be set too when {given} is")
+    if server.ssl_certfile:
+        try:
+            tls_context(server)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"{path}: [server] ssl_certfile: cannot load {server.ssl_certfile}"
+                f" with {server.ssl_keyfile}: {exc.strerror or exc}"
+            ) from None
     if settings.server.processes != 1 and settings.storage.backend == "memory":
         raise ConfigError(
             f"{path}: [server] processes: the memory backend serves one process;"
             " set processes = 1 (several processes need backend = memcached)"
         )
+
+
+def tls_context(server: ServerSettings) -> ssl.SSLContext:
+    """The public listener's TLS settings: Python's defaults for a server (TLS 1.2 or newer)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(server.ssl_certfile, server.ssl_keyfile)
+    return context
 
 
 _EMPTY_TOKEN_KEY = re.compile(r"^(token_key[ \t]*=)[ \t]*(;.*)?$", re.MULTILINE)

@@ -19,23 +19,31 @@ from simplepush.node import Node
 from simplepush.session import Session
 from simplepush.wsframes import CLOSE, PING, TEXT, FrameError, FrameReader
 
-# Frames up to this size are read; a longer field is answered, not dropped.
-MAX_MESSAGE = 256 * 1024
 # How long a closing socket waits for the device's close frame before it is cut.
 CLOSE_TIMEOUT = 5.0
 
 _OPEN, _CLOSING, _CLOSED = 0, 1, 2
 # The close code of a socket cut without a close frame (RFC 6455 7.1.5).
 ABNORMAL = 1006
+# Frames read but not yet handled; past this the socket is not read until the session catches up.
+MAX_INBOX = 32
+# Bytes written but not taken by the device. Replies stop at asyncio's high-water mark (64 KiB,
+# reading pauses); updates from app servers keep coming, so past this the device is cut. What it
+# missed stays pending in the store and is sent again when it reconnects.
+MAX_WRITE_BUFFER = 1024 * 1024
+# Why reading is paused: the inbox is full, or the device is not reading our replies.
+_INBOX_FULL, _NOT_READING = 1, 2
 
 
 class DeviceConnection(asyncio.Protocol):
     __slots__ = (
+        "_ahead",
         "_close_code",
         "_close_reason",
         "_close_timer",
         "_handshake",
         "_hello_timer",
+        "_holds",
         "_inbox",
         "_node",
         "_reader",
@@ -45,16 +53,19 @@ class DeviceConnection(asyncio.Protocol):
         "session",
     )
 
-    def __init__(self, node: Node, handshake: bytes) -> None:
+    def __init__(self, node: Node, handshake: bytes, ahead: bytes = b"") -> None:
         self._node = node
+        # The 101 to write first, and what the device sent before it had it.
         self._handshake = handshake
-        self._reader = FrameReader(MAX_MESSAGE)
+        self._ahead = ahead
+        self._reader = FrameReader(node.max_message_size)
         self._transport: asyncio.Transport | None = None
         self._state = _OPEN
         self._task: asyncio.Future[None] | None = None  # the one handling frames now
         self._inbox: deque[str | None] | None = None
         self._hello_timer: asyncio.TimerHandle | None = None
         self._close_timer: asyncio.TimerHandle | None = None
+        self._holds = 0
         # Why the socket ended, for the websocket.close event: the first close frame wins.
         self._close_code = ABNORMAL
         self._close_reason = "connection lost"
@@ -75,6 +86,9 @@ class DeviceConnection(asyncio.Protocol):
             self._hello_timer = asyncio.get_running_loop().call_later(
                 node.hello_timeout, self._hello_expired
             )
+        if self._ahead:
+            ahead, self._ahead = self._ahead, b""
+            self.data_received(ahead)
 
     def _hello_expired(self) -> None:
         self._hello_timer = None
@@ -107,6 +121,8 @@ class DeviceConnection(asyncio.Protocol):
             if self._inbox is None:
                 self._inbox = deque()
             self._inbox.append(text)
+            if len(self._inbox) >= MAX_INBOX:
+                self._hold(_INBOX_FULL, True)
             return
         self._task = asyncio.ensure_future(self._drain(text))
 
@@ -124,6 +140,8 @@ class DeviceConnection(asyncio.Protocol):
                 if not self._inbox or self._state != _OPEN:
                     return
                 text = self._inbox.popleft()
+                if self._holds & _INBOX_FULL and len(self._inbox) <= MAX_INBOX // 2:
+                    self._hold(_INBOX_FULL, False)
         except Exception:
             log.exception("websocket.error", extra={"event_type": "websocket.error", "fields": {}})
             session.close(wsframes.SERVER_ERROR, "internal error")
@@ -133,8 +151,38 @@ class DeviceConnection(asyncio.Protocol):
     def send(self, text: str) -> bool:
         if self._state != _OPEN:
             return False
-        self._transport.write(wsframes.encode(TEXT, text.encode("utf-8")))
+        transport = self._transport
+        if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            # A close frame would wait behind what the device is not reading: cut at once.
+            reason = "device is not reading"
+            event(logging.WARNING, "websocket.dropped", reason=reason, code=ABNORMAL)
+            self._close_reason = reason
+            self._state = _CLOSED
+            transport.abort()
+            return False
+        transport.write(wsframes.encode(TEXT, text.encode("utf-8")))
         return True
+
+    def pause_writing(self) -> None:
+        self._hold(_NOT_READING, True)
+
+    def resume_writing(self) -> None:
+        self._hold(_NOT_READING, False)
+
+    def _hold(self, reason: int, held: bool) -> None:
+        """Stop reading a device that sends faster than it is served or than it reads replies.
+
+        Its frames then wait in the kernel and TCP slows it down, instead of
+        queueing here without bound.
+        """
+        before = self._holds
+        self._holds = before | reason if held else before & ~reason
+        if self._state == _CLOSED or bool(before) == bool(self._holds):
+            return
+        if self._holds:
+            self._transport.pause_reading()
+        else:
+            self._transport.resume_reading()
 
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake; the socket is cut if the device does not answer."""

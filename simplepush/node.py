@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from simplepush.logs import event
 from simplepush.metrics import Metrics
-from simplepush.registry import Registry
+from simplepush.registry import STORAGE_RESTARTED, Registry
 from simplepush.router import Router
 from simplepush.store import Store
 from simplepush.tokens import TokenCodec
@@ -25,9 +26,16 @@ class Node:
     max_channels: int
     max_connections: int
     hello_timeout: float
+    # Limits on what one peer may send (docs/SECURITY.md); defaults as in config.py.
+    max_message_size: int = 256 * 1024
+    max_body_size: int = 64 * 1024
+    max_header_size: int = 16 * 1024
+    min_ping_interval: float = 0.0
     started_at: float = field(default_factory=time.time)
     # Identified sessions (those holding a UAID), kept here so /realstatus need not scan sockets.
     devices: int = 0
+    # PUTs read and not yet answered: a shutdown answers them first.
+    puts_in_flight: int = 0
     # The last StoreError seen, for /realstatus: operators ask "what broke, and when".
     last_storage_error: str = ""
     last_storage_error_at: float | None = None
@@ -39,6 +47,16 @@ class Node:
         self.last_storage_error_at = time.time()
         event(level, "storage.error", op=op, error=text)
         return text
+
+    def records_lost(self, affected: Callable[[str], bool]) -> None:
+        """A storage server went away and may come back empty (docs/STORAGE.md).
+
+        Its devices would stay connected but unreachable, their endpoints
+        answering 404; closed, they say hello again and are reset if their
+        record is gone.
+        """
+        closed = self.registry.close_where(affected, *STORAGE_RESTARTED)
+        event(logging.WARNING, "storage.lost", closed_sockets=closed)
 
     def endpoint(self, uaid: str, chid: str) -> str:
         return f"{self.endpoint_url}/update/{self.tokens.encode(uaid, chid)}"

@@ -7,6 +7,7 @@ identified UAID to the one session that may receive its notifications.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from simplepush.updates import Update
@@ -23,6 +24,8 @@ class Live(Protocol):
 
 
 SUPERSEDED = (4000, "superseded by a newer connection")
+# RFC 6455 1012, Service Restart: reconnect (after a random delay) and say hello again.
+STORAGE_RESTARTED = (1012, "storage restarted")
 
 
 class Registry:
@@ -50,6 +53,13 @@ class Registry:
     def release(self, uaid: str, session: Live) -> None:
         if self._by_uaid.get(uaid) is session:
             del self._by_uaid[uaid]
+
+    def close_where(self, chosen: Callable[[str], bool], code: int, reason: str) -> int:
+        """Close the identified sockets whose UAID is chosen; returns how many."""
+        doomed = [session for uaid, session in self._by_uaid.items() if chosen(uaid)]
+        for session in doomed:
+            session.close(code, reason)
+        return len(doomed)
 
     def close_all(self, code: int, reason: str) -> None:
         for connection in list(self.connections):

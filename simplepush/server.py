@@ -11,10 +11,11 @@ import resource
 import signal
 
 from tornado.httpserver import HTTPServer
+from tornado.httputil import HTTPServerConnectionDelegate
 from tornado.netutil import bind_sockets
 
 from simplepush import __version__, logs
-from simplepush.config import ConfigError, Settings, StorageSettings
+from simplepush.config import ConfigError, ServerSettings, Settings, StorageSettings, tls_context
 from simplepush.internal import serve_internal
 from simplepush.logs import event
 from simplepush.metrics import Metrics, NullMetrics
@@ -96,7 +97,7 @@ def build_node(settings: Settings, index: int = 0) -> Node:
     store = build_store(settings.storage)
     registry = Registry()
     peers = Peers(router_secrets(keys)[0])
-    return Node(
+    node = Node(
         store=store,
         registry=registry,
         router=Router(store, registry, peers, metrics, node_url(settings, index)),
@@ -106,6 +107,26 @@ def build_node(settings: Settings, index: int = 0) -> Node:
         max_channels=server.max_channels,
         max_connections=socket_capacity(server.max_connections),
         hello_timeout=server.hello_timeout,
+        max_message_size=server.max_message_size,
+        max_body_size=server.max_body_size,
+        max_header_size=server.max_header_size,
+        min_ping_interval=server.min_ping_interval,
+    )
+    store.watch_losses(node.records_lost)
+    return node
+
+
+def public_server(app: HTTPServerConnectionDelegate, server: ServerSettings) -> HTTPServer:
+    """The listener for devices and app servers, with TLS and the limits of [server]."""
+    return HTTPServer(
+        app,
+        ssl_options=tls_context(server) if server.ssl_certfile else None,
+        # web.py answers heads over max_header_size with 431; Tornado cuts
+        # the connection of a head it cannot even hold, at four times that.
+        max_header_size=4 * server.max_header_size,
+        max_body_size=server.max_body_size,
+        idle_connection_timeout=server.idle_timeout,
+        body_timeout=server.body_timeout,
     )
 
 
@@ -169,9 +190,32 @@ def listen_internal(settings: Settings, count: int) -> list[list]:
     ]
 
 
+def stop_accepting(http_server: HTTPServer, public: list) -> None:
+    """Close the public listeners, first serving every connection in their queues.
+
+    The kernel completes handshakes before accept(): a connection still queued
+    when its listener closes is reset after the app server sent its PUT, which
+    then gets no answer. Taken here (as Tornado's accept handler would), they
+    are served; only one whose handshake is under way at the close can still
+    be reset (the kernel's race; a load balancer draining first avoids it).
+    """
+    for sock in public:
+        while True:
+            try:
+                connection, address = sock.accept()
+            except ConnectionAbortedError:
+                continue
+            except OSError:  # BlockingIOError: the queue is empty
+                break
+            # TCPServer's own accept callback: it wraps TLS and starts serving. Private,
+            # but unchanged since Tornado 4; TCPServer has no public way to hand it a socket.
+            http_server._handle_connection(connection, address)
+    http_server.stop()
+
+
 async def serve(settings: Settings, public: list, internal: list, index: int = 0) -> None:
     node = build_node(settings, index)
-    http_server = HTTPServer(make_app(node))
+    http_server = public_server(make_app(node), settings.server)
     http_server.add_sockets(public)
     internal_servers = await serve_internal(
         node, router_secrets(list(settings.server.token_key)), internal
@@ -195,14 +239,19 @@ async def serve(settings: Settings, public: list, internal: list, index: int = 0
         max_connections=node.max_connections,
     )
     await stopping.wait()
-    http_server.stop()
+    stop_accepting(http_server, public)
     for internal_server in internal_servers:
         internal_server.close()
     open_sockets = len(node.registry)
     node.registry.close_all(*GOING_AWAY)
+    # PUTs being answered finish before the store closes, and so do those on the
+    # connections just taken from the queues: the first sleep lets them be read.
     deadline = loop.time() + SHUTDOWN_GRACE
-    while len(node.registry) and loop.time() < deadline:
+    while True:
         await asyncio.sleep(0.05)
+        if not (len(node.registry) or node.puts_in_flight) or loop.time() >= deadline:
+            break
+    await http_server.close_all_connections()  # idle keep-alive ones
     await node.store.close()
     node.router.close()
     node.metrics.flush()
@@ -232,4 +281,4 @@ def run(settings: Settings) -> None:
         asyncio.run(serve(settings, public[index], internal[index], index))
         return 0
 
-    supervise(count, work)
+    supervise(count, work, [sock for sockets in public + internal for sock in sockets])

@@ -40,7 +40,16 @@ def new_uaid() -> str:
 
 
 class Session:
-    __slots__ = ("_node", "_transport", "closed", "connected_at", "key", "uaid")
+    __slots__ = (
+        "_last_ping",
+        "_live",
+        "_node",
+        "_transport",
+        "closed",
+        "connected_at",
+        "key",
+        "uaid",
+    )
 
     def __init__(self, node: Node, transport: Transport, connected_at: float) -> None:
         self._node = node
@@ -49,6 +58,9 @@ class Session:
         self.uaid = ""  # as the device spells it
         self.key: str | None = None  # canonical UAID once identified
         self.closed = False
+        self._last_ping = 0.0
+        # Versions delivered live while a flush reads the store, by channel; None otherwise.
+        self._live: dict[str, int] | None = None
 
     async def receive(self, text: str) -> None:
         """Handle one text frame; storage trouble becomes a 503 and a close."""
@@ -58,8 +70,7 @@ class Session:
             if kind is Ack:
                 await self._ack(outcome)
             elif kind is Ping:
-                self._node.metrics.incr("updates.client.ping")
-                self._transport.send(protocol.PING_REPLY)
+                self._ping()
             elif kind is Hello:
                 await self._hello(outcome)
             elif kind is Register:
@@ -76,6 +87,21 @@ class Session:
             raw: dict[str, Any] = outcome.raw  # only commands with a frame reach the store
             self._transport.send(protocol.error_reply(raw, 503))
             self.close(SERVER_ERROR, "storage unavailable")
+
+    def _ping(self) -> None:
+        node = self._node
+        node.metrics.incr("updates.client.ping")
+        if node.min_ping_interval:
+            now = time.monotonic()
+            too_soon = now - self._last_ping < node.min_ping_interval
+            self._last_ping = now
+            if too_soon:
+                # pushgo's answer to a ping flood (PROTOCOL.md 2.4): 401, then close.
+                event(logging.INFO, "websocket.ping_flood", interval=node.min_ping_interval)
+                self._transport.send(protocol.error_reply({"messageType": "ping"}, 401))
+                self.close(POLICY_VIOLATION, "too many pings")
+                return
+        self._transport.send(protocol.PING_REPLY)
 
     def receive_binary(self) -> None:
         self.close(UNSUPPORTED_DATA, "binary frames are not SimplePush")
@@ -177,10 +203,19 @@ class Session:
             )
 
     async def _flush(self) -> None:
-        """Send what was stored while the device was away; `client.flush` times it."""
+        """Send what was stored while the device was away; `client.flush` times it.
+
+        An update delivered live while the stored ones are being read is not
+        sent a second time by the flush.
+        """
         metrics = self._node.metrics
         start = time.monotonic() if metrics.enabled else 0.0
-        pending = await self._node.store.pending(self.key)
+        self._live = {}
+        try:
+            pending = await self._node.store.pending(self.key)
+        finally:
+            live, self._live = self._live, None
+        pending = [u for u in pending if live.get(u.channel_id, -1) < u.version]
         if pending:
             self._send_updates(pending)
         if metrics.enabled:
@@ -198,6 +233,8 @@ class Session:
         """A live update from the router; False if the socket is gone."""
         if self.closed or not self._transport.send(protocol.notification((update,))):
             return False
+        if self._live is not None:
+            self._live[update.channel_id] = update.version
         self._node.metrics.incr("updates.sent")
         if log.isEnabledFor(logging.DEBUG):
             event(logging.DEBUG, "websocket.notification", uaid=self.uaid, updates=1)

@@ -11,8 +11,9 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from simplepush import logs
 from simplepush.logs import event
@@ -21,8 +22,17 @@ from simplepush.logs import event
 RESTART_DELAY = 1.0
 
 
-def supervise(count: int, work: Callable[[int], int]) -> int:
-    """Run work(index) in `count` forked children until SIGTERM/SIGINT, then wait for them."""
+def supervise(
+    count: int, work: Callable[[int], int], listeners: Sequence[socket.socket] = ()
+) -> int:
+    """Run work(index) in `count` forked children until SIGTERM/SIGINT, then wait for them.
+
+    `listeners` are the sockets the children serve, kept open here so that a
+    replacement finds its predecessor's queued connections. On SIGTERM they
+    are closed here first: else they would keep listening after the workers
+    stop, and every connection made during the shutdown would be reset
+    unanswered when this process exits, instead of refused at once.
+    """
     children: dict[int, int] = {}  # pid -> index
     stopping = False
 
@@ -47,6 +57,8 @@ def supervise(count: int, work: Callable[[int], int]) -> int:
     def stop(signum: int, frame: object) -> None:
         nonlocal stopping
         stopping = True
+        for sock in listeners:
+            sock.close()
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)

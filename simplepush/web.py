@@ -23,6 +23,7 @@ from tornado.httputil import (
     ResponseStartLine,
     format_timestamp,
 )
+from tornado.iostream import SSLIOStream
 from tornado.web import Application, HTTPError, RequestHandler
 
 from simplepush import __version__, endpoint
@@ -30,9 +31,12 @@ from simplepush.connection import DeviceConnection
 from simplepush.logs import event, log
 from simplepush.node import Node
 from simplepush.store import StoreError
+from simplepush.streamtransport import StreamTransport
 from simplepush.wsframes import accept_key
 
 SUBPROTOCOL = "push-notification"
+# The most a device may send before the 101 that is kept (Tornado reads in 64 KiB chunks).
+MAX_EARLY = 256 * 1024
 UPDATE_PREFIX = "/update/"
 
 
@@ -55,12 +59,21 @@ class DeviceSocket(RequestHandler):
             self.finish()
             return
         stream = self.detach()
+        if isinstance(stream, SSLIOStream):
+            StreamTransport(stream, DeviceConnection(node, handshake))
+            return
+        # Frames a device sent without waiting for the 101 (RFC 6455 says it
+        # must wait) are in the stream's buffer: take them along, not lose them.
+        early = stream.read_bytes(MAX_EARLY, partial=True)
+        ahead = early.result() if early.done() else b""
         # The asyncio transport gets its own descriptor; closing the stream
         # then unhooks Tornado from the socket without touching the connection.
         sock = stream.socket.dup()
         stream.close()
         loop = asyncio.get_running_loop()
-        await loop.connect_accepted_socket(lambda: DeviceConnection(node, handshake), sock=sock)
+        await loop.connect_accepted_socket(
+            lambda: DeviceConnection(node, handshake, ahead), sock=sock
+        )
 
 
 def _handshake(headers: HTTPHeaders) -> bytes | HTTPError:
@@ -134,9 +147,10 @@ class FrontDoor(HTTPServerConnectionDelegate):
     endpoint needs none of their features.
     """
 
-    def __init__(self, app: Application, fast: FastPath) -> None:
+    def __init__(self, app: Application, fast: FastPath, max_header_size: int) -> None:
         self.app = app
         self.fast = fast
+        self.max_header_size = max_header_size
 
     def start_request(
         self, server_conn: object, request_conn: HTTPConnection
@@ -161,9 +175,13 @@ class _Dispatch(HTTPMessageDelegate):
     ) -> Awaitable[None] | None:
         assert isinstance(start_line, RequestStartLine)
         door = self._door
-        self._target = door.fast(start_line, self._request_conn) or door.app.start_request(
-            self._server_conn, self._request_conn
-        )
+        connection = self._request_conn
+        if _head_size(start_line, headers) > door.max_header_size:
+            self._target = Refusal(connection, 431, "max_header_size")
+        else:
+            self._target = door.fast(start_line, connection) or door.app.start_request(
+                self._server_conn, connection
+            )
         return self._target.headers_received(start_line, headers)
 
     def data_received(self, chunk: bytes) -> Awaitable[None] | None:
@@ -175,6 +193,44 @@ class _Dispatch(HTTPMessageDelegate):
     def on_connection_close(self) -> None:
         if self._target is not None:
             self._target.on_connection_close()
+
+
+def _head_size(start_line: RequestStartLine, headers: HTTPHeaders) -> int:
+    """The size of a request head as sent, give or take the spelling of line ends."""
+    size = len(start_line.method) + len(start_line.path) + len(start_line.version) + 4
+    for name, value in headers.get_all():
+        size += len(name) + len(value) + 4
+    return size
+
+
+# A refused request's body is read and dropped (so the client can read the
+# answer, and the connection stays usable); body_timeout bounds how long.
+_DRAIN = 1 << 62
+
+
+class Refusal(HTTPMessageDelegate):
+    """A request over a limit: answered at once, its body drained, then the exchange ends."""
+
+    def __init__(self, connection: HTTPConnection, status: int, limit: str) -> None:
+        self._connection = connection
+        self._status = status
+        self._limit = limit
+
+    def headers_received(
+        self, start_line: RequestStartLine | ResponseStartLine, headers: HTTPHeaders
+    ) -> None:
+        refuse(self._connection, self._status, self._limit)
+
+    def finish(self) -> None:
+        self._connection.finish()
+
+
+def refuse(connection: HTTPConnection, status: int, limit: str) -> None:
+    """Answer `status` now; the caller finishes the exchange once the body has been read."""
+    event(logging.INFO, "http.refused", status=status, limit=limit)
+    connection.set_max_body_size(_DRAIN)
+    body = json.dumps({"status": status, "error": responses[status]}).encode()
+    _write_answer(connection, status, body, {"Date": _http_date()})
 
 
 _date: tuple[int, str] = (0, "")
@@ -189,17 +245,15 @@ def _http_date() -> str:
     return _date[1]
 
 
-def _reply(
-    connection: HTTPConnection, status: int, body: bytes, extra: dict[str, str] | None = None
+def _write_answer(
+    connection: HTTPConnection, status: int, body: bytes, extra: dict[str, str]
 ) -> None:
     """A whole JSON answer in one write."""
     headers = HTTPHeaders({"Content-Type": "application/json", "Content-Length": str(len(body))})
-    if extra:
-        headers.update(extra)
+    headers.update(extra)
     connection.write_headers(
         ResponseStartLine("HTTP/1.1", status, responses[status]), headers, body
     )
-    connection.finish()
 
 
 class UpdateRequest(HTTPMessageDelegate):
@@ -211,26 +265,67 @@ class UpdateRequest(HTTPMessageDelegate):
         self._path = ""
         self._content_type: str | None = None
         self._chunks: list[bytes] = []
+        self._size = 0
+        self._refused = False
         self._gone = False
         self._task: asyncio.Future[None] | None = None
+        self._counted = False
 
     def headers_received(
         self, start_line: RequestStartLine | ResponseStartLine, headers: HTTPHeaders
     ) -> None:
         assert isinstance(start_line, RequestStartLine)
+        self._node.puts_in_flight += 1
+        self._counted = True
         self._path = start_line.path
         self._content_type = headers.get("Content-Type")
+        length = headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self._node.max_body_size:
+            self._refuse()
+        elif "Transfer-Encoding" in headers:
+            # Counted in data_received, so that a chunked body over the limit gets 413 too
+            # rather than Tornado's bare 400.
+            self._connection.set_max_body_size(_DRAIN)
 
     def data_received(self, chunk: bytes) -> None:
+        if self._refused:
+            return
+        self._size += len(chunk)
+        if self._size > self._node.max_body_size:
+            self._chunks = []
+            self._refuse()
+            return
         self._chunks.append(chunk)
 
+    def _refuse(self) -> None:
+        self._refused = True
+        refuse(self._connection, 413, "max_body_size")
+
     def finish(self) -> None:
+        if self._refused:
+            self._connection.finish()
+            self._answered()
+            return
         self._task = asyncio.ensure_future(self._respond())
 
     def on_connection_close(self) -> None:
         self._gone = True
+        if self._task is None:
+            self._answered()
+
+    def _answered(self) -> None:
+        """No longer in flight: a shutdown waits for the PUTs in flight (server.serve)."""
+        if self._counted:
+            self._counted = False
+            self._node.puts_in_flight -= 1
 
     async def _respond(self) -> None:
+        try:
+            await self._answer()
+        finally:
+            self._answered()
+
+    async def _answer(self) -> None:
         start = time.monotonic()
         path, _, query = self._path.partition("?")
         try:
@@ -249,7 +344,8 @@ class UpdateRequest(HTTPMessageDelegate):
         extra = {"Access-Control-Allow-Origin": "*", "Date": _http_date()}
         if answer.retry_after:
             extra["Retry-After"] = endpoint.RETRY_AFTER
-        _reply(self._connection, answer.status, answer.body, extra)
+        _write_answer(self._connection, answer.status, answer.body, extra)
+        self._connection.finish()
         event(
             logging.WARNING if answer.status >= 500 else logging.DEBUG,
             "http.request",
@@ -325,7 +421,7 @@ def make_app(node: Node) -> FrontDoor:
             return UpdateRequest(node, connection)
         return None
 
-    return FrontDoor(app, fast)
+    return FrontDoor(app, fast, node.max_header_size)
 
 
 def _log_request(handler: RequestHandler) -> None:

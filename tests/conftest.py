@@ -33,12 +33,12 @@ from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from simplepush.config import ServerSettings, Settings, StorageSettings
 from simplepush.node import Node
-from simplepush.server import build_node
+from simplepush.server import build_node, public_server
 from simplepush.tokens import generate_key
 from simplepush.web import make_app
+from tests.wsclient import FRAME_TIMEOUT, RawDevice, upgrade_request
 
 # How long a test waits for a frame that must come, and listens for one that must not.
-FRAME_TIMEOUT = 5.0
 SILENCE = 0.3
 # Bounds a wait for memcached to accept connections or to exit.
 MEMCACHED_TIMEOUT = 5.0
@@ -144,13 +144,19 @@ def app(node):
 
 
 @pytest.fixture
-def http_server(http_server: HTTPServer, app: Any) -> HTTPServer:
-    """pytest-tornado's server, naming `app` so that the backend parametrisation reaches it.
+def http_server(
+    app: Any, server_settings: Settings, io_loop: IOLoop, _unused_port: tuple
+) -> Iterator[HTTPServer]:
+    """The public listener as `simplepush` builds it (limits, TLS), on pytest-tornado's port.
 
-    The plugin looks `app` up at run time, too late for pytest to parametrise
-    the tests that use the server.
+    Replaces the plugin's fixture, which builds a bare HTTPServer and looks
+    `app` up too late for the backend parametrisation to reach it.
     """
-    return http_server
+    server = public_server(app, server_settings.server)
+    server.add_socket(_unused_port[0])
+    yield server
+    server.stop()
+    io_loop.run_sync(server.close_all_connections)
 
 
 @pytest.fixture
@@ -265,3 +271,29 @@ def put(http_client: AsyncHTTPClient):
 
 def token_of(endpoint: str) -> str:
     return urlsplit(endpoint).path.rsplit("/", 1)[1]
+
+
+@pytest.fixture
+def dial(http_port):
+    """dial() opens a TCP connection to the server; upgrade() also completes the handshake."""
+    opened: list[RawDevice] = []
+
+    async def _dial() -> RawDevice:
+        device = RawDevice(*await asyncio.open_connection("127.0.0.1", http_port))
+        opened.append(device)
+        return device
+
+    yield _dial
+    for device in opened:
+        device.writer.close()
+
+
+@pytest.fixture
+def upgrade(dial, http_port):
+    async def _upgrade() -> RawDevice:
+        device = await dial()
+        status, _ = await device.request_head(upgrade_request(http_port))
+        assert status == "HTTP/1.1 101 Switching Protocols"
+        return device
+
+    return _upgrade

@@ -258,6 +258,22 @@ BAD_CONFIGS = [
         id="processes-memory",
     ),
     pytest.param("[storage]\nbackend = redis\n", ["[storage] backend", "redis"], id="redis"),
+    pytest.param(
+        "[server]\nmax_message_size = 4096\n",
+        ["[server] max_message_size", "262144"],
+        id="message-limit-too-low",
+    ),
+    pytest.param(
+        "[server]\nmax_body_size = 1k\n", ["[server] max_body_size", "'1k'"], id="body-limit"
+    ),
+    pytest.param(
+        "[server]\nidle_timeout = 0\n", ["[server] idle_timeout", "more than 0"], id="idle"
+    ),
+    pytest.param(
+        "[server]\nssl_certfile = /nonexistent.pem\n",
+        ["[server] ssl_keyfile", "must be set too"],
+        id="tls-half",
+    ),
     pytest.param("[logging]\nlevel = loud\n", ["[logging] level", "loud"], id="level"),
     pytest.param(
         "[server]\nendpoint_url = push.example.com\n",
@@ -315,6 +331,14 @@ DESIGN_DEFAULTS = {
         "token_key": None,  # install.sh fills it; its value is not a default
         "router_host": "127.0.0.1",
         "router_port": 8090,
+        "ssl_certfile": "",
+        "ssl_keyfile": "",
+        "max_message_size": 262144,
+        "max_body_size": 65536,
+        "max_header_size": 16384,
+        "idle_timeout": 60,
+        "body_timeout": 10,
+        "min_ping_interval": 0,
     },
     "storage": {
         "backend": "memory",

@@ -24,6 +24,7 @@ from pymemcache.client.base import Client
 from tornado.ioloop import IOLoop
 
 from simplepush.config import StorageSettings
+from simplepush.registry import STORAGE_RESTARTED
 from simplepush.store import Holder, StoreError
 from simplepush.store.memcached import KEY_PREFIX, MemcachedStore
 from simplepush.updates import Update
@@ -78,13 +79,17 @@ def assert_unavailable(response) -> None:
 
 
 @pytest.mark.gen_test
-async def test_a_put_while_memcached_is_down_is_503_even_for_a_connected_device(
-    connect, put, memcached_proc
+async def test_a_put_while_memcached_is_down_is_503_and_its_devices_are_sent_to_hello_again(
+    connect, put, memcached_proc, caplog
 ):
+    """memcached comes back empty: a device left connected would be unreachable, unaware."""
     device, _, endpoint = await registered(connect)
     memcached_proc.stop()
     assert_unavailable(await put(endpoint, "version=5"))
-    await device.expect_silence()
+    assert await device.expect_closed() == STORAGE_RESTARTED[0]
+    assert device.conn.close_reason == STORAGE_RESTARTED[1]
+    lost = [r.fields for r in caplog.records if getattr(r, "event_type", "") == "storage.lost"]
+    assert lost == [{"closed_sockets": 1}]
 
 
 @pytest.mark.parametrize("returning", [False, True], ids=["new", "returning"])
@@ -105,9 +110,12 @@ async def test_a_hello_while_memcached_is_down_is_503_and_closed(
 
 @pytest.mark.parametrize("mtype", ["register", "unregister", "ack"])
 @pytest.mark.gen_test
-async def test_a_command_while_memcached_is_down_is_503_and_closed(connect, memcached_proc, mtype):
+async def test_a_command_memcached_does_not_answer_is_503_and_closed(
+    connect, memcached_proc, mtype
+):
+    """Frozen rather than stopped: a stopped memcached closes the devices itself (above)."""
     device, chid, _ = await registered(connect)
-    memcached_proc.stop()
+    os.kill(memcached_proc.proc.pid, signal.SIGSTOP)
     frame = {"messageType": mtype, "channelID": chid}
     if mtype == "ack":
         frame = {"messageType": "ack", "updates": [{"channelID": chid, "version": 1}]}

@@ -23,7 +23,7 @@ from simplepush.config import StorageSettings
 from simplepush.protocol import Wakeup
 from simplepush.server import build_store
 from simplepush.store import Holder, Store, StoreError
-from simplepush.store.memcached import KEY_PREFIX, MemcachedStore
+from simplepush.store.memcached import EMPTY_RECORD_TTL, KEY_PREFIX, MemcachedStore
 from simplepush.store.memory import MemoryStore
 from simplepush.updates import MAX_DATA_BYTES, MAX_VERSION, Update
 from tests.conftest import Memcached
@@ -43,6 +43,21 @@ def store(storage_settings: StorageSettings, io_loop: IOLoop) -> Iterator[Store]
     store = build_store(storage_settings)
     yield store
     io_loop.run_sync(store.close)
+
+
+@pytest.fixture
+def record_ttl(storage_settings: StorageSettings):
+    """record_ttl(uaid) -> seconds memcached will still keep that UAID's record."""
+
+    def ttl(uaid: str) -> int:
+        host, port = storage_settings.servers[0].rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as conn:
+            conn.sendall(f"mg {KEY_PREFIX}{uaid} t\r\n".encode())
+            reply = conn.recv(256).decode()
+        assert reply.startswith("HD t"), reply  # meta get: "HD t<seconds left>"
+        return int(reply.split()[1][1:])
+
+    return ttl
 
 
 @pytest.fixture
@@ -158,6 +173,27 @@ async def test_release_clears_only_the_holder_it_names(store):
     await store.release(uaid, NEWER)
     assert await store.update(uaid, chid, 2, None) == (Update(chid, 2), None)
     assert await store.known(uaid) is True
+
+
+@pytest.mark.gen_test
+async def test_a_uaid_that_said_hello_and_left_with_nothing_is_not_kept(
+    store, storage_settings, record_ttl
+):
+    """Anonymous hellos must not fill the store: the record of a UAID that never had a
+    channel goes when its socket does (memory) or within minutes (memcached,
+    EMPTY_RECORD_TTL) instead of after uaid_ttl."""
+    anonymous, registered = new_key(), new_key()
+    await store.hello(anonymous, None, NEWER)
+    await store.hello(registered, None, NEWER)
+    await store.register(registered, registered, registered, 200)
+    await store.release(anonymous, NEWER)
+    await store.release(registered, NEWER)
+    if storage_settings.backend == "memory":
+        assert await store.known(anonymous) is False
+        assert await store.known(registered) is True
+        return
+    assert 0 < record_ttl(anonymous) <= EMPTY_RECORD_TTL
+    assert record_ttl(registered) > EMPTY_RECORD_TTL
 
 
 # --- channels ---------------------------------------------------------------

@@ -8,10 +8,7 @@ checking: the upgrade bytes, fragmentation, control frames and close codes.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
-from typing import Any
 
 import pytest
 
@@ -30,124 +27,15 @@ from simplepush.wsframes import (
     TEXT,
     UNSUPPORTED_DATA,
 )
-from tests.conftest import FRAME_TIMEOUT, new_id
-from tests.wsclient import MASK, client_frame, frame_header
+from tests.conftest import new_id
+from tests.wsclient import HELLO, MASK, client_frame, frame_header, upgrade_request
 
 pytestmark = pytest.mark.usefixtures("http_server")
 
 RFC_KEY, RFC_ACCEPT = "dGhlIHNhbXBsZSBub25jZQ==", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-HELLO = json.dumps({"messageType": "hello", "uaid": "", "channelIDs": []})
 # Long enough to see a cut socket, far below the default CLOSE_TIMEOUT of 5 s.
 TEST_CLOSE_TIMEOUT = 0.3
 CUT_WITHIN = 2.0
-
-
-def upgrade_request(port: int, **headers: str | None) -> bytes:
-    """A valid upgrade; a keyword (underscores for dashes) replaces a header, None drops it."""
-    fields: dict[str, str | None] = {
-        "Host": f"127.0.0.1:{port}",
-        "Upgrade": "websocket",
-        "Connection": "Upgrade",
-        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
-        "Sec-WebSocket-Version": "13",
-    }
-    fields.update({name.replace("_", "-"): value for name, value in headers.items()})
-    lines = ["GET / HTTP/1.1", *(f"{k}: {v}" for k, v in fields.items() if v is not None)]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
-
-
-class RawDevice:
-    """A device on a bare TCP socket: it writes whatever bytes a test gives it."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    async def request_head(self, request: bytes) -> tuple[str, dict[str, str]]:
-        """Send an HTTP request; return the status line and headers (names lowercased)."""
-        await self.send(request)
-        head = await self._read(self.reader.readuntil(b"\r\n\r\n"))
-        status, *lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
-        fields = {}
-        for line in lines:
-            name, _, value = line.partition(":")
-            fields[name.strip().lower()] = value.strip()
-        return status, fields
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def send_text(self, text: str) -> None:
-        await self.send(client_frame(TEXT, text.encode("utf-8")))
-
-    async def recv_frame(self) -> tuple[int, bytes]:
-        """The next frame; the server's are always final, unmasked and without RSV bits."""
-        first, second = await self._read(self.reader.readexactly(2))
-        assert first & 0xF0 == 0x80, f"first byte {first:#x}"
-        assert not second & 0x80, "server frames must not be masked"
-        length = second & 0x7F
-        if length == 126:
-            length = int.from_bytes(await self._read(self.reader.readexactly(2)), "big")
-        elif length == 127:
-            length = int.from_bytes(await self._read(self.reader.readexactly(8)), "big")
-        return first & 0x0F, await self._read(self.reader.readexactly(length))
-
-    async def recv_json(self) -> Any:
-        opcode, payload = await self.recv_frame()
-        assert opcode == TEXT, (opcode, payload)
-        return json.loads(payload)
-
-    async def recv_close(self) -> int:
-        """The next frame must be a close frame; return its code."""
-        opcode, payload = await self.recv_frame()
-        assert opcode == CLOSE, (opcode, payload)
-        assert 2 <= len(payload) <= 125
-        payload[2:].decode("utf-8")
-        return int.from_bytes(payload[:2], "big")
-
-    async def expect_eof(self, timeout: float = FRAME_TIMEOUT) -> None:
-        """The server closed TCP (FIN or, after an abort, RST) with nothing more sent."""
-        try:
-            rest = await asyncio.wait_for(self.reader.read(), timeout)
-        except ConnectionResetError:
-            return
-        assert rest == b""
-
-    async def hello(self) -> str:
-        await self.send_text(HELLO)
-        reply = await self.recv_json()
-        assert reply["status"] == 200, reply
-        return reply["uaid"]
-
-    async def _read(self, read: Any) -> Any:
-        return await asyncio.wait_for(read, FRAME_TIMEOUT)
-
-
-@pytest.fixture
-def dial(http_port):
-    """dial() opens a TCP connection to the server; upgrade() also completes the handshake."""
-    opened: list[RawDevice] = []
-
-    async def _dial() -> RawDevice:
-        device = RawDevice(*await asyncio.open_connection("127.0.0.1", http_port))
-        opened.append(device)
-        return device
-
-    yield _dial
-    for device in opened:
-        device.writer.close()
-
-
-@pytest.fixture
-def upgrade(dial, http_port):
-    async def _upgrade() -> RawDevice:
-        device = await dial()
-        status, _ = await device.request_head(upgrade_request(http_port))
-        assert status == "HTTP/1.1 101 Switching Protocols"
-        return device
-
-    return _upgrade
 
 
 async def clients(http_client, http_port) -> int:
@@ -321,7 +209,7 @@ async def test_invalid_utf8_text_is_closed_1007(upgrade, payload):
 async def test_frame_over_256k_is_closed_1009_on_its_header(upgrade):
     """The payload is never sent: the server must not wait to buffer it."""
     device = await upgrade()
-    await device.send(frame_header(TEXT, connection.MAX_MESSAGE + 1) + MASK)
+    await device.send(frame_header(TEXT, 256 * 1024 + 1) + MASK)
     assert await device.recv_close() == MESSAGE_TOO_BIG
     await device.expect_eof()
 

@@ -9,7 +9,7 @@ sessions or handlers.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from simplepush.protocol import Wakeup
@@ -87,3 +87,11 @@ class Store(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Release connections at shutdown."""
+
+    @abstractmethod
+    def watch_losses(self, lost: Callable[[Callable[[str], bool]], None]) -> None:
+        """Have lost(affected) called when records may have vanished behind the server's back.
+
+        memcached restarts empty; `affected(uaid)` tells whose records lived
+        on the server that went away.
+        """

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pymemcache.client.rendezvous import RendezvousHash
 
@@ -46,10 +46,21 @@ class ConnectionLost(MemcacheFailure):
 class _Connection(asyncio.Protocol):
     """Commands queued in one loop turn go out in one write; one timer watches them all."""
 
-    __slots__ = ("_buffer", "_loop", "_out", "_pending", "_timeout", "_watchdog", "transport")
+    __slots__ = (
+        "_buffer",
+        "_loop",
+        "_lost",
+        "_out",
+        "_pending",
+        "_timeout",
+        "_watchdog",
+        "transport",
+    )
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, lost: Callable[[], None]) -> None:
         self._timeout = timeout
+        # Called if the server closes the connection: it may have restarted, empty.
+        self._lost: Callable[[], None] | None = lost
         self._loop = asyncio.get_running_loop()
         self._buffer = bytearray()
         self._out: list[bytes] = []
@@ -132,6 +143,8 @@ class _Connection(asyncio.Protocol):
             raise MemcacheFailure("reply to no command")
 
     def _fail(self, exc: Exception) -> None:
+        """Give up on a connection that broke the protocol or stalled; the server kept its data."""
+        self._lost = None
         if self.transport is not None:
             self.transport.abort()
         self._drop(exc)
@@ -150,17 +163,26 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._drop(ConnectionLost(f"connection lost: {exc}" if exc else "connection closed"))
+        if self._lost is not None:
+            self._lost()
 
 
 class _Server:
     """One memcached server: at most one connection, opened when needed."""
 
-    __slots__ = ("_connection", "_opening", "address", "name", "timeout")
+    __slots__ = ("_connection", "_lost", "_opening", "address", "name", "timeout")
 
-    def __init__(self, name: str, address: tuple[str, int], timeout: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        address: tuple[str, int],
+        timeout: float,
+        lost: Callable[[_Server], None],
+    ) -> None:
         self.name = name
         self.address = address
         self.timeout = timeout
+        self._lost = lost
         self._connection: _Connection | None = None
         self._opening: asyncio.Future[_Connection] | None = None
 
@@ -186,7 +208,7 @@ class _Server:
         try:
             async with asyncio.timeout(self.timeout):
                 _transport, connection = await loop.create_connection(
-                    lambda: _Connection(self.timeout), host, port
+                    lambda: _Connection(self.timeout, lambda: self._lost(self)), host, port
                 )
         except TimeoutError:
             raise MemcacheFailure(f"cannot connect within {self.timeout:g} s") from None
@@ -199,8 +221,11 @@ class _Server:
     def close(self) -> None:
         if self._opening is not None:
             self._opening.cancel()
-        if self._connection is not None and self._connection.transport is not None:
-            self._connection.transport.close()
+        connection = self._connection
+        if connection is not None:
+            connection._lost = None
+            if connection.transport is not None:
+                connection.transport.close()
         self._connection = None
 
 
@@ -213,11 +238,24 @@ class MemcacheClient:
     places (docs/STORAGE.md).
     """
 
-    def __init__(self, servers: Sequence[str], timeout: float) -> None:
-        self._servers = {server: _Server(server, _address(server), timeout) for server in servers}
+    def __init__(
+        self,
+        servers: Sequence[str],
+        timeout: float,
+        lost: Callable[[_Server], None] = lambda server: None,
+    ) -> None:
+        """`lost(server)` is called when a server closes its connection (see _Connection)."""
+        self._servers = {
+            server: _Server(server, _address(server), timeout, lambda s: self._on_lost(s))
+            for server in servers
+        }
+        self.lost = lost
         self._ring = RendezvousHash(list(self._servers))
         self._only = next(iter(self._servers.values())) if len(self._servers) == 1 else None
         self._placed: dict[str, _Server] = {}
+
+    def _on_lost(self, server: _Server) -> None:
+        self.lost(server)
 
     def server_for(self, key: str) -> _Server:
         """Hashing a key costs tens of microseconds in pure Python: remember recent ones."""

@@ -33,6 +33,8 @@ Change = Callable[[Record | None, float], tuple[Record | None, T]]
 KEY_PREFIX = "u:"
 # memcached reads an expiry above 30 days as a unix time, not a duration.
 MAX_RELATIVE_EXPIRY = 30 * 86400
+# Seconds a record with no channel, nothing pending and no socket is kept (see _expiry).
+EMPTY_RECORD_TTL = 600
 # A lost CAS means another writer got in first: retry after a random pause
 # whose bound doubles each time (full jitter) up to CAS_BACKOFF_CAP, for at
 # most `timeout` seconds in all.
@@ -97,6 +99,14 @@ class MemcachedStore(Store):
         self._timeout = timeout
         self._closed = False
 
+    def watch_losses(self, lost: Callable[[Callable[[str], bool]], None]) -> None:
+        client = self._client
+
+        def server_lost(server: object) -> None:
+            lost(lambda uaid: client.server_for(KEY_PREFIX + uaid) is server)
+
+        client.lost = server_lost
+
     async def _call(self, what: str, key: str, job: Callable[[str], Any]) -> Any:
         """Run job(key); memcached failures become StoreError naming the server."""
         if self._closed:
@@ -111,7 +121,14 @@ class MemcachedStore(Store):
         return await self._call(what, KEY_PREFIX + uaid, lambda key: self._modify(key, change))
 
     def _expiry(self, record: Record) -> int:
-        """uaid_ttl after the last hello, as memcached wants it (relative up to 30 days)."""
+        """uaid_ttl after the last hello, as memcached wants it (relative up to 30 days).
+
+        A record with no channel, nothing pending and no socket (a device that
+        said hello and left) is kept only briefly: anonymous hellos must not
+        fill memcached and push real records out of its LRU.
+        """
+        if not record["c"] and not record["p"] and "h" not in record:
+            return EMPTY_RECORD_TTL
         deadline = record["s"] + self._uaid_ttl
         remaining = math.ceil(deadline - time.time())
         if remaining > MAX_RELATIVE_EXPIRY:

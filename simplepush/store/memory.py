@@ -7,7 +7,7 @@ share it (config refuses processes > 1 with it).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from simplepush.protocol import Wakeup
 from simplepush.store import Holder, Store
@@ -15,13 +15,14 @@ from simplepush.updates import Update
 
 
 class _Record:
-    __slots__ = ("channels", "holder", "pending", "wakeup")
+    __slots__ = ("channels", "holder", "pending", "registered", "wakeup")
 
     def __init__(self) -> None:
         self.channels: dict[str, str] = {}  # channel key -> the device's spelling
         self.pending: dict[str, Update] = {}
         self.wakeup: Wakeup | None = None
         self.holder: Holder | None = None
+        self.registered = False  # ever: a UAID that had channels stays known without them
 
 
 class MemoryStore(Store):
@@ -47,6 +48,9 @@ class MemoryStore(Store):
         record = self._records.get(uaid)
         if record is not None and record.holder == holder:
             record.holder = None
+            if not record.registered:
+                # Nothing to keep: else every anonymous hello would stay until restart.
+                del self._records[uaid]
 
     async def wakeup(self, uaid: str) -> Wakeup | None:
         record = self._records.get(uaid)
@@ -63,6 +67,7 @@ class MemoryStore(Store):
         if chid not in channels and len(channels) >= max_channels:
             return False
         channels[chid] = spelling
+        record.registered = True
         pending = record.pending.get(chid)
         if pending is not None and pending.channel_id != spelling:
             record.pending[chid] = Update(spelling, pending.version, pending.data)
@@ -102,6 +107,9 @@ class MemoryStore(Store):
             if current is not None and current.version <= version:
                 del pending[chid]
         return list(pending.values())
+
+    def watch_losses(self, lost: Callable[[Callable[[str], bool]], None]) -> None:
+        """Records live as long as the process: none vanish while it runs."""
 
     async def check(self) -> None:
         return None
