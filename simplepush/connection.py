@@ -13,8 +13,8 @@ import logging
 import time
 from collections import deque
 
-from simplepush import wsframes
-from simplepush.logs import event, log
+from simplepush import logs, wsframes
+from simplepush.logs import event
 from simplepush.node import Node
 from simplepush.session import Session
 from simplepush.wsframes import CLOSE, PING, TEXT, FrameError, FrameReader
@@ -125,7 +125,7 @@ class DeviceConnection(asyncio.Protocol):
                     return
                 text = self._inbox.popleft()
         except Exception:
-            log.exception("websocket.error", extra={"event_type": "websocket.error", "fields": {}})
+            logs.exception("websocket.error")
             session.close(wsframes.SERVER_ERROR, "internal error")
         finally:
             self._task = None

@@ -14,6 +14,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from simplepush import __version__, logs
+from simplepush.admin import Collector, make_admin_app
 from simplepush.config import ConfigError, Settings, StorageSettings
 from simplepush.internal import serve_internal
 from simplepush.logs import event
@@ -22,6 +23,8 @@ from simplepush.node import Node
 from simplepush.peers import Peers, router_secrets
 from simplepush.registry import Registry
 from simplepush.router import Router
+from simplepush.sampler import Sampler
+from simplepush.stats import Stats
 from simplepush.store import Store
 from simplepush.store.memcached import MemcachedStore
 from simplepush.store.memory import MemoryStore
@@ -87,11 +90,12 @@ def node_url(settings: Settings, index: int) -> str:
 def build_node(settings: Settings, index: int = 0) -> Node:
     server = settings.server
     keys = list(server.token_key)
-    metrics_settings = settings.metrics
+    statsd = settings.metrics
+    stats = Stats()
     metrics = (
-        Metrics(metrics_settings.statsd_host, metrics_settings.statsd_port, metrics_settings.prefix)
-        if metrics_settings.statsd_host
-        else NullMetrics()
+        Metrics(stats, statsd.statsd_host, statsd.statsd_port, statsd.prefix)
+        if statsd.statsd_host
+        else NullMetrics(stats)
     )
     store = build_store(settings.storage)
     registry = Registry()
@@ -102,6 +106,7 @@ def build_node(settings: Settings, index: int = 0) -> Node:
         router=Router(store, registry, peers, metrics, node_url(settings, index)),
         tokens=TokenCodec(keys),
         metrics=metrics,
+        stats=stats,
         endpoint_url=server.endpoint_url,
         max_channels=server.max_channels,
         max_connections=socket_capacity(server.max_connections),
@@ -127,7 +132,9 @@ def worker_count(settings: Settings) -> int:
     return settings.server.processes or os.cpu_count() or 1
 
 
-def _bind(settings: Settings, key: str, host: str, port: int, reuse_port: bool) -> list:
+def _bind(
+    settings: Settings, key: str, host: str, port: int, reuse_port: bool, section: str = "server"
+) -> list:
     """A listening socket; a busy port is a config error (exit 2) before anything starts."""
     try:
         return bind_sockets(port, address=host, backlog=LISTEN_BACKLOG, reuse_port=reuse_port)
@@ -137,7 +144,7 @@ def _bind(settings: Settings, key: str, host: str, port: int, reuse_port: bool) 
             if exc.errno == errno.EADDRINUSE
             else f"cannot be bound: {exc.strerror}"
         )
-        raise ConfigError(f"{settings.path}: [server] {key}: {host}:{port} {problem}") from None
+        raise ConfigError(f"{settings.path}: [{section}] {key}: {host}:{port} {problem}") from None
 
 
 def listen(settings: Settings, count: int) -> list[list]:
@@ -169,13 +176,34 @@ def listen_internal(settings: Settings, count: int) -> list[list]:
     ]
 
 
-async def serve(settings: Settings, public: list, internal: list, index: int = 0) -> None:
+def listen_admin(settings: Settings) -> list:
+    """The dashboard's socket, bound once so that a replaced worker 0 serves it again."""
+    admin = settings.admin
+    if not admin.port:
+        return []
+    return _bind(settings, "port", admin.host, admin.port, reuse_port=False, section="admin")
+
+
+async def serve(
+    settings: Settings, public: list, internal: list, index: int = 0, admin: list | None = None
+) -> None:
+    """Worker `index`; the one given the `admin` sockets serves the dashboard for all."""
     node = build_node(settings, index)
     http_server = HTTPServer(make_app(node))
     http_server.add_sockets(public)
-    internal_servers = await serve_internal(
-        node, router_secrets(list(settings.server.token_key)), internal
-    )
+    secrets = router_secrets(list(settings.server.token_key))
+    internal_servers = await serve_internal(node, secrets, internal)
+    # Without a dashboard nobody reads samples, so no worker takes them.
+    sampler = Sampler(node) if settings.admin.port else None
+    if sampler is not None:
+        sampler.start()
+    collector = admin_server = None
+    if admin:
+        peers = {i: node_url(settings, i) for i in range(1, worker_count(settings))}
+        collector = Collector(node, peers, secrets[0])
+        collector.start()
+        admin_server = HTTPServer(make_admin_app(collector, settings.admin.token))
+        admin_server.add_sockets(admin)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -193,9 +221,15 @@ async def serve(settings: Settings, public: list, internal: list, index: int = 0
         backend=settings.storage.backend,
         node=node.router.url,
         max_connections=node.max_connections,
+        dashboard=f"http://{settings.admin.host}:{settings.admin.port}/" if admin else "",
     )
     await stopping.wait()
     http_server.stop()
+    if admin_server is not None and collector is not None:
+        admin_server.stop()
+        collector.stop()
+    if sampler is not None:
+        sampler.stop()
     for internal_server in internal_servers:
         internal_server.close()
     open_sockets = len(node.registry)
@@ -220,8 +254,9 @@ def run(settings: Settings) -> None:
     count = worker_count(settings)
     public = listen(settings, count)
     internal = listen_internal(settings, count)
+    admin = listen_admin(settings)
     if count == 1:
-        asyncio.run(serve(settings, public[0], internal[0]))
+        asyncio.run(serve(settings, public[0], internal[0], 0, admin))
         return
 
     def work(index: int) -> int:
@@ -229,7 +264,11 @@ def run(settings: Settings) -> None:
             if other != index:
                 for sock in sockets + internals:
                     sock.close()
-        asyncio.run(serve(settings, public[index], internal[index], index))
+        dashboard = [] if index else admin
+        for sock in admin:
+            if not dashboard:
+                sock.close()
+        asyncio.run(serve(settings, public[index], internal[index], index, dashboard))
         return 0
 
     supervise(count, work)
