@@ -112,7 +112,7 @@ class Guarded(RequestHandler):
 
 class PageHandler(Guarded):
     def get(self) -> None:
-        if self.get_query_argument("token", ""):
+        if self.settings["admin_token"] and self.get_query_argument("token", ""):
             # Keep the token out of the address bar and history: the cookie carries it from here.
             self.set_cookie(COOKIE, self.settings["admin_token"], httponly=True, samesite="Strict")
             self.redirect("/")

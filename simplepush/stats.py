@@ -300,11 +300,13 @@ def view(workers: Sequence[Worker], at: int | None = None, since: int = 0) -> di
             row[gauge] = gauges.get(gauge, 0)
         row["rates"] = {key: _rate(mine, (name,)) for key, name in RATES.items()}
         rows.append(row)
-    errors = [worker.status for worker in live]
-    last_errors = [status for status in errors if status.get("last_error_at")]
+    statuses = [worker.status for worker in live]
+    last_errors = [status for status in statuses if status.get("last_error_at")]
     last = max(last_errors, key=lambda status: status["last_error_at"], default={})
     gauges = latest.gauges
     recent = merged[-RATE_WINDOW:]
+    totals = _summed(_totals_at(worker, t) for worker in live)
+    errors = [name for name in totals if name.startswith(ERROR_PREFIX)]
     return {
         "t": t,
         "rate_window_s": RATE_WINDOW,
@@ -317,19 +319,19 @@ def view(workers: Sequence[Worker], at: int | None = None, since: int = 0) -> di
         "storage": {
             "ok": bool(gauges.get("storage_ok", 1)),
             "rtt_ms": gauges.get("storage_rtt_ms"),
-            "error": next((s["error"] for s in errors if s.get("error")), ""),
+            "error": next((s["error"] for s in statuses if s.get("error")), ""),
             "last_error": last.get("last_error", ""),
             "last_error_at": last.get("last_error_at"),
         },
         "errors": {
-            name[len(ERROR_PREFIX) :]: {
-                "total": total,
-                "rate": _rate(recent, (name,)),
-            }
-            for name, total in _summed(_totals_at(w, t) for w in live).items()
-            if name.startswith(ERROR_PREFIX)
+            name[len(ERROR_PREFIX) :]: {"total": totals[name], "rate": _rate(recent, (name,))}
+            for name in errors
         },
-        "totals": _summed(_totals_at(worker, t) for worker in live),
+        "error_events": {
+            "total": sum(totals[name] for name in errors),
+            "rate": _rate(recent, errors),
+        },
+        "totals": totals,
         "workers": rows,
         "series": _series([s for s in merged if s.t > since]),
     }

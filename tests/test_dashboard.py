@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +35,7 @@ from tests.test_cluster import (  # noqa: F401
     notification,
     put,
     token_key,
+    wait_until,
     worker_pids,
 )
 
@@ -216,6 +219,29 @@ def test_two_workers_with_memcached_count_the_whole_machine(request, connect):
     assert sum(row["connections"] for row in rows) == current["connections"] == 20
     assert sum(row["memory_bytes"] for row in rows) == current["memory_bytes"]
     assert current["storage"]["ok"] is True
+
+
+def test_a_replaced_worker_0_serves_the_dashboard_again(request):
+    """The supervisor keeps the admin socket, as the public ones, for worker 0's replacement."""
+    admin = free_port()
+    server = request.getfixturevalue("cluster")(processes=2, admin_port=admin)
+
+    def up_pids() -> list[int]:
+        try:
+            return [row["pid"] for row in stats(admin)["workers"] if row["up"]]
+        except (OSError, AssertionError):
+            return []  # worker 0 is gone and its replacement not serving yet
+
+    before = worker_pids(server)
+    wait_until(lambda: up_pids() == [before[0], before[1]], STATS_TIMEOUT, "both workers")
+    os.kill(before[0], signal.SIGKILL)
+    wait_until(
+        lambda: (
+            worker_pids(server)[0] != before[0] and up_pids() == [worker_pids(server)[0], before[1]]
+        ),
+        STATS_TIMEOUT,
+        "the replacement worker 0 to serve the dashboard",
+    )
 
 
 def test_a_storage_outage_shows_as_failed_puts_errors_and_storage_down(request, connect):

@@ -49,13 +49,12 @@ function fmtMs(v) {
 function fmtBytes(v) { return v == null ? "–" : (v / 1048576).toFixed(1) + " MB"; }
 
 function format(key, value) {
-  if (key.startsWith("rates/")) return fmtRate(value);
+  if (key.startsWith("rates/") || key.includes("/rates/") || key.endsWith("/rate")) return fmtRate(value);
   if (key.startsWith("latency_ms/") && key !== "latency_ms/count") return fmtMs(value);
   if (key === "storage/rtt_ms") return fmtMs(value);
   if (key === "storage/ok") return value ? "OK" : "DOWN";
   if (key === "storage/error") return value || "";
   if (key === "memory_bytes" || key.endsWith("/memory_bytes")) return fmtBytes(value);
-  if (key.endsWith("/rate")) return fmtRate(value);
   return fmtCount(value);
 }
 
