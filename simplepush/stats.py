@@ -234,13 +234,24 @@ def _latency(samples: Sequence[Sample]) -> dict[str, Any]:
     return {"p50": p50, "p95": p95, "p99": p99, "count": sum(histogram.values())}
 
 
+def _between(worker: Worker, first: int, last: int) -> list[Sample]:
+    """The worker's samples of seconds first < t <= last, read from the newest end."""
+    found = []
+    for sample in reversed(worker.samples):
+        if sample.t <= first:
+            break
+        if sample.t <= last:
+            found.append(sample)
+    found.reverse()
+    return found
+
+
 def _totals_at(worker: Worker, t: int) -> dict[str, int]:
     """The worker's totals as they were when sample `t` was taken."""
     totals = dict(worker.totals)
-    for sample in worker.samples:
-        if sample.t > t:
-            for name, value in sample.counts.items():
-                totals[name] = totals.get(name, 0) - value
+    for sample in _between(worker, t, worker.last):
+        for name, value in sample.counts.items():
+            totals[name] = totals.get(name, 0) - value
     return totals
 
 
@@ -282,18 +293,19 @@ def view(workers: Sequence[Worker], at: int | None = None, since: int = 0) -> di
     # A worker silent for RATE_WINDOW seconds (dead, restarting) does not hold the view back.
     current = [worker for worker in live if worker.last > newest - RATE_WINDOW]
     t = min(worker.last for worker in current) if at is None else at
+    # Merged only as far back as the plot points asked for and the latency window need.
+    first = max(t - HISTORY, min(since, t - LATENCY_WINDOW))
     by_second: dict[int, list[Sample]] = {}
     for worker in live:
-        for sample in worker.samples:
-            if t - HISTORY < sample.t <= t:
-                by_second.setdefault(sample.t, []).append(sample)
+        for sample in _between(worker, first, t):
+            by_second.setdefault(sample.t, []).append(sample)
     merged = [_merge(by_second[second]) for second in sorted(by_second)]
     if not merged or merged[-1].t != t:
         return {"t": None, "workers": [], "series": _series([])}
     latest = merged[-1]
     rows = []
     for worker in workers:
-        mine = [s for s in worker.samples if t - RATE_WINDOW < s.t <= t]
+        mine = _between(worker, t - RATE_WINDOW, t)
         row: dict[str, Any] = {"index": worker.index, "pid": worker.pid, "up": bool(mine)}
         gauges = mine[-1].gauges if mine else {}
         for gauge in ("devices", "connections", "memory_bytes"):

@@ -1,15 +1,16 @@
 """The dashboard page in a real browser: Debian's headless Chromium driven by selenium.
 
-A console-script server with an [admin] token runs under a small load
+A console-script server with an [admin] token (and, in a second run, two
+workers on memcached routing to each other) runs under a small load
 (devices connecting and leaving, PUTs delivered, stored and rejected,
 acks). The browser opens /?token=..., the page polls /api/stats, and the
 test waits until every plot has points, then checks that every number on
 the page (elements with data-key) is the one /api/stats gives for the same
 sample (?at=<the page's data-t>), and saves a screenshot.
 
-DASHBOARD_SCREENSHOT=docs/dashboard.png also copies the screenshot there,
-after DASHBOARD_WARMUP seconds of load (default 0) so the plots fill out:
-that is how the README's picture is made.
+DASHBOARD_SCREENSHOT=docs/dashboard.png also copies the two workers'
+screenshot there, after DASHBOARD_WARMUP seconds of load (default 0) so
+the plots fill out: that is how the README's picture is made.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import new_id
-from tests.test_cluster import Device, put
+from tests.conftest import free_port, new_id
+from tests.test_cluster import Device, cluster, memcached_proc, put, token_key  # noqa: F401
 
 # `start`: the console-script server with its dashboard on
 from tests.test_dashboard import TOKEN, start, stats  # noqa: F401
@@ -133,15 +134,23 @@ return {
 """
 
 
-def test_the_page_plots_live_numbers_that_match_the_json(browser, tmp_path, request):
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-workers"])
+def test_the_page_plots_live_numbers_that_match_the_json(browser, tmp_path, request, processes):
+    """One process with a token; two workers on memcached, without one, routing to each other."""
     from selenium.webdriver.support.ui import WebDriverWait
 
-    server, admin = request.getfixturevalue("start")(token=TOKEN)
+    if processes == 1:
+        server, admin = request.getfixturevalue("start")(token=TOKEN)
+        token, page_url = TOKEN, f"http://127.0.0.1:{admin}/?token={TOKEN}"
+    else:
+        admin = free_port()
+        server = request.getfixturevalue("cluster")(processes=2, admin_port=admin)
+        token, page_url = "", f"http://127.0.0.1:{admin}/"
     load = Load(server)
     load.start()
     try:
         time.sleep(float(os.environ.get("DASHBOARD_WARMUP", "0")))
-        browser.get(f"http://127.0.0.1:{admin}/?token={TOKEN}")
+        browser.get(page_url)
         assert browser.current_url == f"http://127.0.0.1:{admin}/"  # the token left the URL
 
         def plotted(driver: Any) -> dict[str, Any] | None:
@@ -156,21 +165,25 @@ def test_the_page_plots_live_numbers_that_match_the_json(browser, tmp_path, requ
             return page if ready else None
 
         page = WebDriverWait(browser, PAGE_TIMEOUT, poll_frequency=0.25).until(plotted)
-        same = stats(admin, f"?at={page['t']}", token=TOKEN)
+        same = stats(admin, f"?at={page['t']}", token=token)
         assert same["t"] == int(page["t"])
         keys = [key for key, _, _ in page["shown"]]
         assert {"devices", "rates/updates", "latency_ms/p50", "storage/ok", "memory_bytes"} <= set(
             keys
         )
-        assert "workers/0/devices" in keys
+        assert {f"workers/{index}/devices" for index in range(processes)} <= set(keys)
+        if processes == 2:
+            assert same["totals"].get("put.routed", 0) > 0
         for key, raw, shown in page["shown"]:
             assert json.loads(raw) == lookup(same, key), key
             assert shown.strip() or key == "storage/error", key
         assert page["lines"] >= 10
         screenshot = tmp_path / "dashboard.png"
+        height = browser.execute_script("return document.documentElement.scrollHeight")
+        browser.set_window_size(1440, height + 16)
         assert browser.save_screenshot(str(screenshot))
         assert screenshot.stat().st_size > 10_000
-        if os.environ.get("DASHBOARD_SCREENSHOT"):
+        if os.environ.get("DASHBOARD_SCREENSHOT") and processes == 2:
             shutil.copyfile(screenshot, os.environ["DASHBOARD_SCREENSHOT"])
     finally:
         load.finish()
