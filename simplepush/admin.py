@@ -73,10 +73,10 @@ class Collector:
                 status, body, _ = await self._pools[worker.index].request(
                     b"GET", path, headers=self._auth
                 )
-        except (OSError, TimeoutError, HttpError):
+            if status == 200:
+                worker.absorb(json.loads(body))
+        except (OSError, TimeoutError, HttpError, ValueError, KeyError, TypeError):
             return
-        if status == 200:
-            worker.absorb(json.loads(body))
 
 
 def _pool(url: str) -> HttpPool:
