@@ -2,7 +2,7 @@
 # Installs simplepush into .venv (idempotent) and gives config.ini a token key.
 #   ./install.sh         the server and its libraries
 #   ./install.sh --dev   also the test and lint tools (pytest, pytest-tornado, hypothesis,
-#                        websocket-client, ruff)
+#                        websocket-client, selenium, ruff)
 set -euo pipefail
 cd "$(dirname "$0")"
 

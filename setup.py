@@ -13,6 +13,8 @@ setup(
     version=__version__,
     description="A SimplePush server: devices hold a WebSocket, app servers PUT versions.",
     packages=find_packages(exclude=["tests", "tests.*"]),
+    # The dashboard's page, script and style are served from the installed package.
+    package_data={"simplepush": ["dashboard/*.html", "dashboard/*.js", "dashboard/*.css"]},
     python_requires=">=3.11",
     install_requires=[
         "tornado>=6.4,<7",
@@ -28,6 +30,7 @@ setup(
             "hypothesis>=6",
             "ruff>=0.6",
             "websocket-client>=1.6",
+            "selenium>=4.10",
         ],
     },
     entry_points={

@@ -8,6 +8,7 @@ and the problem, which the CLI prints before exiting with status 2.
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import os
 import re
 import ssl
@@ -69,12 +70,22 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminSettings:
+    """The operator dashboard's listener; empty host means [server] router_host."""
+
+    host: str = ""
+    port: int = 8081  # 0 = no dashboard
+    token: str = ""  # empty = no token asked
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     path: str = "config.ini"
     server: ServerSettings = field(default_factory=ServerSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
 
 
 def _integer(low: int, high: int) -> Callable[[str], int]:
@@ -156,6 +167,15 @@ def _host_ports(text: str) -> tuple[str, ...]:
     return servers
 
 
+def _admin_token(text: str) -> str:
+    if text and (len(text) < 16 or not text.isascii() or not text.isprintable() or " " in text):
+        raise ValueError(
+            "must be empty or at least 16 printable ASCII characters without spaces;"
+            " `simplepush genkey` makes a good one"
+        )
+    return text
+
+
 def _log_output(text: str) -> str:
     if not text:
         raise ValueError("must be stdout, stderr, a file path, udp://host:port or tcp://host:port")
@@ -206,6 +226,11 @@ _SCHEMA: dict[str, dict[str, Callable[[str], object]]] = {
         "statsd_port": _PORT,
         "prefix": str,
     },
+    "admin": {
+        "host": str,
+        "port": _integer(0, 65535),
+        "token": _admin_token,
+    },
 }
 
 _SECTION_TYPES = {
@@ -213,6 +238,7 @@ _SECTION_TYPES = {
     "storage": StorageSettings,
     "logging": LoggingSettings,
     "metrics": MetricsSettings,
+    "admin": AdminSettings,
 }
 
 
@@ -246,6 +272,9 @@ def load(path: str) -> Settings:
         sections[section] = _SECTION_TYPES[section](**values)
     settings = Settings(path=path, **sections)  # type: ignore[arg-type]
     _check_together(settings)
+    if not settings.admin.host:
+        admin = dataclasses.replace(settings.admin, host=settings.server.router_host)
+        settings = dataclasses.replace(settings, admin=admin)
     return settings
 
 
@@ -269,6 +298,16 @@ def _check_together(settings: Settings) -> None:
         raise ConfigError(
             f"{path}: [server] processes: the memory backend serves one process;"
             " set processes = 1 (several processes need backend = memcached)"
+        )
+    server, admin = settings.server, settings.admin
+    if admin.port and admin.port == server.port:
+        raise ConfigError(f"{path}: [admin] port: {admin.port} is [server] port; pick another")
+    workers = server.processes or os.cpu_count() or 1
+    routers = range(server.router_port, server.router_port + workers)
+    if admin.port in routers and settings.storage.backend == "memcached":
+        raise ConfigError(
+            f"{path}: [admin] port: {admin.port} is a worker's router port"
+            f" ({routers.start} to {routers.stop - 1}); pick another"
         )
 
 

@@ -13,8 +13,8 @@ import logging
 import time
 from collections import deque
 
-from simplepush import wsframes
-from simplepush.logs import event, log
+from simplepush import logs, wsframes
+from simplepush.logs import event
 from simplepush.node import Node
 from simplepush.session import Session
 from simplepush.wsframes import CLOSE, PING, TEXT, FrameError, FrameReader
@@ -143,7 +143,7 @@ class DeviceConnection(asyncio.Protocol):
                 if self._holds & _INBOX_FULL and len(self._inbox) <= MAX_INBOX // 2:
                     self._hold(_INBOX_FULL, False)
         except Exception:
-            log.exception("websocket.error", extra={"event_type": "websocket.error", "fields": {}})
+            logs.exception("websocket.error")
             session.close(wsframes.SERVER_ERROR, "internal error")
         finally:
             self._task = None

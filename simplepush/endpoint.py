@@ -45,6 +45,18 @@ INVALID_TOKEN = _error(404, "Invalid Token")
 UNKNOWN_CHANNEL = _error(404, "Unknown Channel")
 UNAVAILABLE = _error(503, "Service Unavailable", retry_after=True)
 
+# The dashboard's counter for each outcome (stats.RATES, stats.REJECTED), named once.
+_COUNTERS = {
+    outcome: f"put.{outcome}"
+    for outcome in (
+        *(delivery.value for delivery in Delivery),
+        "invalid",
+        "invalid_token",
+        "too_long",
+        "storage_error",
+    )
+}
+
 
 def form(content_type: str | None, body: bytes) -> dict[str, list[bytes]]:
     """The body counts when Content-Type is absent or form (PROTOCOL.md 4.3)."""
@@ -59,6 +71,7 @@ async def update(
     """Validate, store, deliver; the version is checked before the token (as pushgo)."""
     start = time.monotonic()
     answer, outcome = await _update(node, token, content_type, body, query, start)
+    node.stats.incr(_COUNTERS[outcome])
     if log.isEnabledFor(logging.DEBUG):
         event(
             logging.DEBUG,
@@ -98,5 +111,9 @@ async def _update(
     if delivery is Delivery.UNKNOWN_CHANNEL:
         metrics.incr("updates.appserver.rejected")
         return UNKNOWN_CHANNEL, delivery.value
-    metrics.timing("updates.handled", (time.monotonic() - start) * 1000)
+    elapsed_ms = (time.monotonic() - start) * 1000
+    metrics.timing("updates.handled", elapsed_ms)
+    if delivery is not Delivery.STORED:
+        # PUT received to frame written here, or to the holding node saying it wrote it.
+        node.stats.delivered(elapsed_ms)
     return ACCEPTED[delivery], delivery.value

@@ -3,6 +3,8 @@
     PUT    /push/<uaid>                  {"channelID", "version", "data"}: write
                                          it to the device's socket (200) or 404
     DELETE /notif/<uaid>/<connected_at>  close that socket if it is not newer
+    GET    /stats?since=<t>              this worker's dashboard samples after second t,
+                                         for the worker serving the admin listener
 
 Every request carries `Authorization: Bearer <secret>` (peers.router_secrets).
 
@@ -20,6 +22,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 
 from simplepush.logs import event
 from simplepush.node import Node
@@ -81,6 +84,9 @@ class InternalConnection(asyncio.Protocol):
             return self._push(parts[2].decode("ascii", "replace"), body)
         if request.method == b"DELETE" and len(parts) == 4 and parts[1] == b"notif":
             return self._kick(parts[2].decode("ascii", "replace"), parts[3])
+        path, _, query = request.target.partition(b"?")
+        if request.method == b"GET" and path == b"/stats":
+            return self._stats(query)
         return 404, b'{"status":404,"error":"Not Found"}'
 
     def _push(self, uaid: str, body: bytes) -> tuple[int, bytes]:
@@ -109,6 +115,13 @@ class InternalConnection(asyncio.Protocol):
             return 404, _NOT_HERE
         session.close(*SUPERSEDED)
         return 200, b"{}"
+
+    def _stats(self, query: bytes) -> tuple[int, bytes]:
+        since = query.removeprefix(b"since=")
+        if not since.isdigit():
+            return 400, b'{"status":400,"error":"Bad Since"}'
+        export = self._node.stats.export(int(since), os.getpid())
+        return 200, json.dumps(export, separators=(",", ":")).encode("ascii")
 
     def _refuse(self, reason: bytes) -> None:
         event(logging.WARNING, "router.bad_request", error=reason.decode())

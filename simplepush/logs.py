@@ -38,10 +38,27 @@ _SEVERITY = {
 }
 
 
+# Warning and error events by Type, counted at any log level: the dashboard's "errors by kind".
+_problems: dict[str, int] = {}
+
+
 def event(level: int, type_: str, **fields: Any) -> None:
     """Log one event; callers on hot paths pass cheap fields, formatting happens only if enabled."""
+    if level >= logging.WARNING:
+        _problems[type_] = _problems.get(type_, 0) + 1
     if log.isEnabledFor(level):
         log.log(level, type_, extra={"event_type": type_, "fields": fields})
+
+
+def exception(type_: str) -> None:
+    """Log an error event with the current exception's traceback, counted like `event`'s."""
+    _problems[type_] = _problems.get(type_, 0) + 1
+    log.exception(type_, extra={"event_type": type_, "fields": {}})
+
+
+def problems() -> dict[str, int]:
+    """How many warning and error events of each Type this process logged (or would have)."""
+    return dict(_problems)
 
 
 def severity(levelno: int) -> int:

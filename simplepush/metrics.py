@@ -3,7 +3,10 @@
 Stats are queued in a statsd Pipeline and sent every FLUSH_INTERVAL, many
 per datagram: one sendto per stat would cost more than the notification it
 counts. Every event is still its own line, so counts stay exact. With no
-statsd_host the server uses NullMetrics, whose calls do nothing.
+statsd_host the server uses NullMetrics, which sends nothing.
+
+Either way every counter is also added to the node's Stats (stats.py), so
+the dashboard counts each statsd name once, with statsd on or off.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import asyncio
 
 import statsd
 
+from simplepush.stats import Stats
+
 FLUSH_INTERVAL = 0.2
 
 
@@ -19,12 +24,14 @@ class Metrics:
     # Lets callers skip reading clocks for timers nobody receives.
     enabled = True
 
-    def __init__(self, host: str, port: int, prefix: str) -> None:
+    def __init__(self, stats: Stats, host: str, port: int, prefix: str) -> None:
+        self.stats = stats
         self._client = statsd.StatsClient(host, port, prefix=prefix or None)
         self._pipe = self._client.pipeline()
         self._flush_scheduled = False
 
     def incr(self, name: str, count: int = 1) -> None:
+        self.stats.incr(name, count)
         self._pipe.incr(name, count)
         self._schedule()
 
@@ -49,11 +56,11 @@ class Metrics:
 class NullMetrics(Metrics):
     enabled = False
 
-    def __init__(self) -> None:
-        pass
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
 
     def incr(self, name: str, count: int = 1) -> None:
-        pass
+        self.stats.incr(name, count)
 
     def gauge(self, name: str, value: float) -> None:
         pass

@@ -11,6 +11,7 @@ from simplepush.logs import event
 from simplepush.metrics import Metrics
 from simplepush.registry import STORAGE_RESTARTED, Registry
 from simplepush.router import Router
+from simplepush.stats import Stats
 from simplepush.store import Store
 from simplepush.tokens import TokenCodec
 
@@ -22,6 +23,7 @@ class Node:
     router: Router
     tokens: TokenCodec
     metrics: Metrics
+    stats: Stats  # the dashboard's counters, also fed by `metrics`
     endpoint_url: str
     max_channels: int
     max_connections: int

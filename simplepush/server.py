@@ -15,6 +15,7 @@ from tornado.httputil import HTTPServerConnectionDelegate
 from tornado.netutil import bind_sockets
 
 from simplepush import __version__, logs
+from simplepush.admin import Collector, make_admin_app
 from simplepush.config import ConfigError, ServerSettings, Settings, StorageSettings, tls_context
 from simplepush.internal import serve_internal
 from simplepush.logs import event
@@ -23,6 +24,8 @@ from simplepush.node import Node
 from simplepush.peers import Peers, router_secrets
 from simplepush.registry import Registry
 from simplepush.router import Router
+from simplepush.sampler import Sampler
+from simplepush.stats import Stats
 from simplepush.store import Store
 from simplepush.store.memcached import MemcachedStore
 from simplepush.store.memory import MemoryStore
@@ -88,11 +91,12 @@ def node_url(settings: Settings, index: int) -> str:
 def build_node(settings: Settings, index: int = 0) -> Node:
     server = settings.server
     keys = list(server.token_key)
-    metrics_settings = settings.metrics
+    statsd = settings.metrics
+    stats = Stats()
     metrics = (
-        Metrics(metrics_settings.statsd_host, metrics_settings.statsd_port, metrics_settings.prefix)
-        if metrics_settings.statsd_host
-        else NullMetrics()
+        Metrics(stats, statsd.statsd_host, statsd.statsd_port, statsd.prefix)
+        if statsd.statsd_host
+        else NullMetrics(stats)
     )
     store = build_store(settings.storage)
     registry = Registry()
@@ -103,6 +107,7 @@ def build_node(settings: Settings, index: int = 0) -> Node:
         router=Router(store, registry, peers, metrics, node_url(settings, index)),
         tokens=TokenCodec(keys),
         metrics=metrics,
+        stats=stats,
         endpoint_url=server.endpoint_url,
         max_channels=server.max_channels,
         max_connections=socket_capacity(server.max_connections),
@@ -148,7 +153,9 @@ def worker_count(settings: Settings) -> int:
     return settings.server.processes or os.cpu_count() or 1
 
 
-def _bind(settings: Settings, key: str, host: str, port: int, reuse_port: bool) -> list:
+def _bind(
+    settings: Settings, key: str, host: str, port: int, reuse_port: bool, section: str = "server"
+) -> list:
     """A listening socket; a busy port is a config error (exit 2) before anything starts."""
     try:
         return bind_sockets(port, address=host, backlog=LISTEN_BACKLOG, reuse_port=reuse_port)
@@ -158,7 +165,7 @@ def _bind(settings: Settings, key: str, host: str, port: int, reuse_port: bool) 
             if exc.errno == errno.EADDRINUSE
             else f"cannot be bound: {exc.strerror}"
         )
-        raise ConfigError(f"{settings.path}: [server] {key}: {host}:{port} {problem}") from None
+        raise ConfigError(f"{settings.path}: [{section}] {key}: {host}:{port} {problem}") from None
 
 
 def listen(settings: Settings, count: int) -> list[list]:
@@ -213,13 +220,34 @@ def stop_accepting(http_server: HTTPServer, public: list) -> None:
     http_server.stop()
 
 
-async def serve(settings: Settings, public: list, internal: list, index: int = 0) -> None:
+def listen_admin(settings: Settings) -> list:
+    """The dashboard's socket, bound once so that a replaced worker 0 serves it again."""
+    admin = settings.admin
+    if not admin.port:
+        return []
+    return _bind(settings, "port", admin.host, admin.port, reuse_port=False, section="admin")
+
+
+async def serve(
+    settings: Settings, public: list, internal: list, index: int = 0, admin: list | None = None
+) -> None:
+    """Worker `index`; the one given the `admin` sockets serves the dashboard for all."""
     node = build_node(settings, index)
     http_server = public_server(make_app(node), settings.server)
     http_server.add_sockets(public)
-    internal_servers = await serve_internal(
-        node, router_secrets(list(settings.server.token_key)), internal
-    )
+    secrets = router_secrets(list(settings.server.token_key))
+    internal_servers = await serve_internal(node, secrets, internal)
+    # Without a dashboard nobody reads samples, so no worker takes them.
+    sampler = Sampler(node) if settings.admin.port else None
+    if sampler is not None:
+        sampler.start()
+    collector = admin_server = None
+    if admin:
+        peers = {i: node_url(settings, i) for i in range(1, worker_count(settings))}
+        collector = Collector(node, peers, secrets[0])
+        collector.start()
+        admin_server = HTTPServer(make_admin_app(collector, settings.admin.token))
+        admin_server.add_sockets(admin)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -237,9 +265,15 @@ async def serve(settings: Settings, public: list, internal: list, index: int = 0
         backend=settings.storage.backend,
         node=node.router.url,
         max_connections=node.max_connections,
+        dashboard=f"http://{settings.admin.host}:{settings.admin.port}/" if admin else "",
     )
     await stopping.wait()
     stop_accepting(http_server, public)
+    if admin_server is not None and collector is not None:
+        admin_server.stop()
+        collector.stop()
+    if sampler is not None:
+        sampler.stop()
     for internal_server in internal_servers:
         internal_server.close()
     open_sockets = len(node.registry)
@@ -269,8 +303,9 @@ def run(settings: Settings) -> None:
     count = worker_count(settings)
     public = listen(settings, count)
     internal = listen_internal(settings, count)
+    admin = listen_admin(settings)
     if count == 1:
-        asyncio.run(serve(settings, public[0], internal[0]))
+        asyncio.run(serve(settings, public[0], internal[0], 0, admin))
         return
 
     def work(index: int) -> int:
@@ -278,7 +313,11 @@ def run(settings: Settings) -> None:
             if other != index:
                 for sock in sockets + internals:
                     sock.close()
-        asyncio.run(serve(settings, public[index], internal[index], index))
+        dashboard = [] if index else admin
+        for sock in admin:
+            if not dashboard:
+                sock.close()
+        asyncio.run(serve(settings, public[index], internal[index], index, dashboard))
         return 0
 
-    supervise(count, work, [sock for sockets in public + internal for sock in sockets])
+    supervise(count, work, [sock for sockets in public + internal + [admin] for sock in sockets])

@@ -26,9 +26,9 @@ from tornado.httputil import (
 from tornado.iostream import SSLIOStream
 from tornado.web import Application, HTTPError, RequestHandler
 
-from simplepush import __version__, endpoint
+from simplepush import __version__, endpoint, logs
 from simplepush.connection import DeviceConnection
-from simplepush.logs import event, log
+from simplepush.logs import event
 from simplepush.node import Node
 from simplepush.store import StoreError
 from simplepush.streamtransport import StreamTransport
@@ -337,7 +337,8 @@ class UpdateRequest(HTTPMessageDelegate):
                 query,
             )
         except Exception:
-            log.exception("update.error", extra={"event_type": "update.error", "fields": {}})
+            logs.exception("update.error")
+            self._node.stats.incr("put.internal_error")
             answer = endpoint.Answer(500, b'{"status":500,"error":"Internal Server Error"}')
         if self._gone:
             return

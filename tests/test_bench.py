@@ -238,7 +238,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
         f"[server]\nport = {port}\nendpoint_url = http://127.0.0.1:{port}\n"
         f"token_key = {base64.urlsafe_b64encode(os.urandom(32)).decode()}\n"  # a Fernet key
         f"[logging]\noutput = {tmp_path / 'server.log'}\n"
-        "level = warning\n",
+        "level = warning\n[admin]\nport = 0\n",
         encoding="utf-8",
     )
     proc = subprocess.Popen(

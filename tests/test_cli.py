@@ -75,9 +75,17 @@ def get_json(server: Server, path: str) -> dict:
         return json.loads(response.read())
 
 
-def launch(script: Path, tmp_path: Path, token_key: str | None = None, **logging: str) -> Server:
+def launch(
+    script: Path,
+    tmp_path: Path,
+    token_key: str | None = None,
+    admin: dict[str, str] | None = None,
+    **logging: str,
+) -> Server:
     """The console script on a free port with these [logging] settings, answering /status.
 
+    The dashboard is off unless `admin` gives its [admin] settings: the
+    default port 8081 would be shared by every server a test run starts.
     A server that does not come up is killed before the test fails.
     """
     port = free_port()
@@ -87,7 +95,10 @@ def launch(script: Path, tmp_path: Path, token_key: str | None = None, **logging
         f"port = {port}\n"
         f"endpoint_url = http://127.0.0.1:{port}\n"
         f"token_key = {generate_key() if token_key is None else token_key}\n"
-        "[logging]\n" + "".join(f"{key} = {value}\n" for key, value in logging.items()),
+        "[logging]\n"
+        + "".join(f"{key} = {value}\n" for key, value in logging.items())
+        + "[admin]\n"
+        + "".join(f"{key} = {value}\n" for key, value in (admin or {"port": "0"}).items()),
         encoding="utf-8",
     )
     stdout, stderr = tmp_path / f"stdout-{port}.log", tmp_path / f"stderr-{port}.log"
@@ -349,6 +360,7 @@ DESIGN_DEFAULTS = {
     },
     "logging": {"format": "json", "output": "stdout", "level": "info", "name": "simplepush"},
     "metrics": {"statsd_host": "", "statsd_port": 8125, "prefix": "simplepush"},
+    "admin": {"host": None, "port": 8081, "token": ""},  # host: router_host when empty
 }
 
 

@@ -192,13 +192,14 @@ def token_key() -> str:
 
 @pytest.fixture
 def cluster(tmp_path: Path, memcached_proc: Memcached, token_key: str):
-    """cluster(processes=1) -> a started Server on the shared memcached and token key.
+    """cluster(processes=1, admin_port=0) -> a started Server on the shared memcached and
+    token key; its dashboard is off unless given a port.
 
     Every process of every server (workers included) is killed at teardown.
     """
     servers: list[Server] = []
 
-    def _start(processes: int = 1) -> Server:
+    def _start(processes: int = 1, admin_port: int = 0) -> Server:
         port, router_port = free_port(), free_ports(processes)
         name = f"node{len(servers)}"
         log = tmp_path / f"{name}.log"
@@ -217,7 +218,8 @@ def cluster(tmp_path: Path, memcached_proc: Memcached, token_key: str):
             "timeout = 1\n"
             "[logging]\n"
             f"output = {log}\n"
-            "level = info\n",
+            "level = info\n"
+            f"[admin]\nport = {admin_port}\n",
             encoding="utf-8",
         )
         server = Server(config, port, router_port, processes, log, tmp_path / f"{name}.stderr")
@@ -620,7 +622,7 @@ def test_a_cluster_config_that_cannot_work_exits_2_with_one_line(
         config.write_text(
             f"[server]\nport = {free_port()}\nprocesses = {processes}\n"
             f"token_key = {token_key}\nrouter_port = {router_port}\n"
-            f"[storage]\nbackend = {backend}\n",
+            f"[storage]\nbackend = {backend}\n[admin]\nport = 0\n",
             encoding="utf-8",
         )
         result = run_cli(SCRIPT, "--config", str(config), cwd=tmp_path)

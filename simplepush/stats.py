@@ -1,0 +1,349 @@
+"""The dashboard's numbers, without I/O: counters, a latency histogram and 15 minutes of history.
+
+Hot paths only add to a dict (`Stats.incr`, called by metrics.py for every
+statsd counter, so each name is counted once whether or not statsd is on)
+and, per delivered update, one histogram bucket (`Stats.delivered`).
+Once a second the sampler (sampler.py) calls `Stats.take`, which turns the
+counters into that second's deltas: rates are deltas per second, and the
+deltas of several workers add up. `view` turns the samples of one or more
+workers into the JSON that /api/stats answers and the page draws.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+HISTORY = 900  # samples kept: 15 minutes at one a second
+RATE_WINDOW = 5  # seconds averaged for the headline rates
+LATENCY_WINDOW = 60  # seconds of deliveries behind the headline percentiles
+
+# Latency buckets: 8 per doubling (each about 9% wide) from 10 µs up to about 40 s.
+_MIN_MS = 0.01
+_PER_DOUBLING = 8
+_LAST_BUCKET = _PER_DOUBLING * 22
+
+# Gauges of one second, and how the gauges of several workers combine.
+_GAUGE_MERGE = {
+    "devices": sum,
+    "connections": sum,
+    "memory_bytes": sum,
+    "storage_ok": min,
+    "storage_rtt_ms": max,
+}
+
+# Headline and plotted rates: what each is called in the JSON, and the counter behind it.
+RATES = {
+    "connect": "client.socket.connect",
+    "disconnect": "client.socket.disconnect",
+    "updates": "updates.appserver.incoming",
+    "delivered": "put.delivered",
+    "stored": "put.stored",
+    "routed": "put.routed",
+    "acks": "updates.client.ack",
+}
+# PUTs refused, by the HTTP status they were answered with.
+REJECTED = {
+    "400": ("put.invalid",),
+    "404": ("put.invalid_token", "put.unknown_channel"),
+    "413": ("put.too_long",),
+    "500": ("put.internal_error",),
+    "503": ("put.storage_error",),
+}
+ERROR_PREFIX = "error."  # counters of warning and error events, by their log Type
+
+
+def bucket(ms: float) -> int:
+    """The histogram bucket of a latency; its upper bound is `bucket_ms(index)`."""
+    if ms <= _MIN_MS:
+        return 0
+    return min(math.ceil(math.log2(ms / _MIN_MS) * _PER_DOUBLING), _LAST_BUCKET)
+
+
+def bucket_ms(index: int) -> float:
+    return _MIN_MS * 2 ** (index / _PER_DOUBLING)
+
+
+def percentiles(histogram: dict[int, int], quantiles: Sequence[float]) -> list[float | None]:
+    """Each quantile as its bucket's upper bound (at most 9% high); None with no data."""
+    total = sum(histogram.values())
+    if not total:
+        return [None for _ in quantiles]
+    ordered = sorted(histogram.items())
+    answers: list[float | None] = []
+    for quantile in quantiles:
+        rank = max(1, math.ceil(quantile * total))
+        seen = 0
+        for index, count in ordered:
+            seen += count
+            if seen >= rank:
+                answers.append(round(bucket_ms(index), 3))
+                break
+    return answers
+
+
+@dataclass(slots=True)
+class Sample:
+    """One worker's second: counter deltas over `span` seconds, deliveries, gauges at `t`."""
+
+    t: int  # the wall-clock second it was taken
+    span: int  # seconds since the previous sample
+    counts: dict[str, int]
+    latency: dict[int, int]
+    gauges: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "t": self.t,
+            "span": self.span,
+            "counts": self.counts,
+            "latency": {str(index): count for index, count in self.latency.items()},
+            "gauges": self.gauges,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Sample:
+        latency = {int(index): int(count) for index, count in data["latency"].items()}
+        return cls(int(data["t"]), int(data["span"]), data["counts"], latency, data["gauges"])
+
+
+class Stats:
+    """One worker's counters and its last HISTORY samples."""
+
+    __slots__ = ("_base", "counts", "latency", "samples", "status", "totals")
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}  # cumulative since start, fed by hot paths
+        self.latency: dict[int, int] = {}  # deliveries since the last sample, by bucket
+        self.samples: deque[Sample] = deque(maxlen=HISTORY)
+        self.totals: dict[str, int] = {}  # cumulative as of the last sample
+        self.status: dict[str, Any] = {}  # storage's words: error texts and when
+        self._base: dict[str, int] = {}
+
+    def incr(self, name: str, count: int = 1) -> None:
+        counts = self.counts
+        counts[name] = counts.get(name, 0) + count
+
+    def delivered(self, ms: float) -> None:
+        """An update reached a device's socket `ms` after its PUT arrived."""
+        index = bucket(ms)
+        latency = self.latency
+        latency[index] = latency.get(index, 0) + 1
+
+    def baseline(self, extra: dict[str, int]) -> None:
+        """Counts from outside (log events since the process began) start from here."""
+        self._base.update(extra)
+
+    def take(self, t: int, gauges: dict[str, float], extra: dict[str, int]) -> Sample:
+        """Close second `t`: counter deltas since the last sample, and its deliveries."""
+        current = {**self.counts, **extra}
+        base = self._base
+        deltas = {
+            name: value - base.get(name, 0)
+            for name, value in current.items()
+            if value != base.get(name, 0)
+        }
+        self._base = current
+        for name, delta in deltas.items():
+            self.totals[name] = self.totals.get(name, 0) + delta
+        span = t - self.samples[-1].t if self.samples else 1
+        sample = Sample(t, max(span, 1), deltas, self.latency, gauges)
+        self.latency = {}
+        self.samples.append(sample)
+        return sample
+
+    def export(self, since: int, pid: int) -> dict[str, Any]:
+        """What the admin worker collects from the others: samples after `since`."""
+        return {
+            "pid": pid,
+            "totals": self.totals,
+            "status": self.status,
+            "samples": [sample.to_json() for sample in self.samples if sample.t > since],
+        }
+
+
+@dataclass(slots=True)
+class Worker:
+    """One worker's history as the admin worker sees it (its own, or collected)."""
+
+    index: int
+    pid: int
+    samples: deque[Sample] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    totals: dict[str, int] = field(default_factory=dict)
+    status: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def last(self) -> int:
+        return self.samples[-1].t if self.samples else 0
+
+    def absorb(self, export: dict[str, Any]) -> None:
+        """Add what `Stats.export` returned; a restarted worker starts a new history."""
+        pid = int(export["pid"])
+        if pid != self.pid:
+            self.pid = pid
+            self.samples.clear()
+        self.totals = export["totals"]
+        self.status = export["status"]
+        for data in export["samples"]:
+            sample = Sample.from_json(data)
+            if sample.t > self.last:
+                self.samples.append(sample)
+
+
+def _merge(samples: Iterable[Sample]) -> Sample:
+    """Several workers' samples of one second as one."""
+    samples = list(samples)
+    counts: dict[str, int] = {}
+    latency: dict[int, int] = {}
+    gauges: dict[str, list[float]] = {}
+    for sample in samples:
+        for name, value in sample.counts.items():
+            counts[name] = counts.get(name, 0) + value
+        for index, value in sample.latency.items():
+            latency[index] = latency.get(index, 0) + value
+        for name, value in sample.gauges.items():
+            gauges.setdefault(name, []).append(value)
+    merged = {name: _GAUGE_MERGE.get(name, sum)(values) for name, values in gauges.items()}
+    span = max(sample.span for sample in samples)
+    return Sample(samples[0].t, span, counts, latency, merged)
+
+
+def _rate(samples: Sequence[Sample], names: Sequence[str]) -> float:
+    seconds = sum(sample.span for sample in samples)
+    if not seconds:
+        return 0.0
+    events = sum(sample.counts.get(name, 0) for sample in samples for name in names)
+    return round(events / seconds, 3)
+
+
+def _rates(samples: Sequence[Sample]) -> dict[str, Any]:
+    rates: dict[str, Any] = {key: _rate(samples, (name,)) for key, name in RATES.items()}
+    rates["rejected"] = {status: _rate(samples, names) for status, names in REJECTED.items()}
+    return rates
+
+
+def _latency(samples: Sequence[Sample]) -> dict[str, Any]:
+    histogram: dict[int, int] = {}
+    for sample in samples:
+        for index, count in sample.latency.items():
+            histogram[index] = histogram.get(index, 0) + count
+    p50, p95, p99 = percentiles(histogram, (0.5, 0.95, 0.99))
+    return {"p50": p50, "p95": p95, "p99": p99, "count": sum(histogram.values())}
+
+
+def _between(worker: Worker, first: int, last: int) -> list[Sample]:
+    """The worker's samples of seconds first < t <= last, read from the newest end."""
+    found = []
+    for sample in reversed(worker.samples):
+        if sample.t <= first:
+            break
+        if sample.t <= last:
+            found.append(sample)
+    found.reverse()
+    return found
+
+
+def _totals_at(worker: Worker, t: int) -> dict[str, int]:
+    """The worker's totals as they were when sample `t` was taken."""
+    totals = dict(worker.totals)
+    for sample in _between(worker, t, worker.last):
+        for name, value in sample.counts.items():
+            totals[name] = totals.get(name, 0) - value
+    return totals
+
+
+def _summed(totals: Iterable[dict[str, int]]) -> dict[str, int]:
+    summed: dict[str, int] = {}
+    for each in totals:
+        for name, value in each.items():
+            summed[name] = summed.get(name, 0) + value
+    return {name: value for name, value in sorted(summed.items()) if value}
+
+
+def _series(samples: Sequence[Sample]) -> dict[str, list[Any]]:
+    series: dict[str, list[Any]] = {
+        "t": [sample.t for sample in samples],
+        "span": [sample.span for sample in samples],
+    }
+    for key, name in RATES.items():
+        series[key] = [round(s.counts.get(name, 0) / s.span, 3) for s in samples]
+    rejected = [name for names in REJECTED.values() for name in names]
+    series["rejected"] = [
+        round(sum(s.counts.get(name, 0) for name in rejected) / s.span, 3) for s in samples
+    ]
+    quantiles = [percentiles(s.latency, (0.5, 0.95, 0.99)) for s in samples]
+    for position, key in enumerate(("p50", "p95", "p99")):
+        series[key] = [values[position] for values in quantiles]
+    for gauge in ("devices", "storage_rtt_ms"):
+        series[gauge] = [s.gauges.get(gauge) for s in samples]
+    return series
+
+
+def view(workers: Sequence[Worker], at: int | None = None, since: int = 0) -> dict[str, Any]:
+    """/api/stats: the numbers at second `at` (default: the newest every worker has),
+    per worker and summed, with the per-second series after `since`.
+    """
+    live = [worker for worker in workers if worker.samples]
+    if not live:
+        return {"t": None, "workers": [], "series": _series([])}
+    newest = max(worker.last for worker in live)
+    # A worker silent for RATE_WINDOW seconds (dead, restarting) does not hold the view back.
+    current = [worker for worker in live if worker.last > newest - RATE_WINDOW]
+    t = min(worker.last for worker in current) if at is None else at
+    # Merged only as far back as the plot points asked for and the latency window need.
+    first = max(t - HISTORY, min(since, t - LATENCY_WINDOW))
+    by_second: dict[int, list[Sample]] = {}
+    for worker in live:
+        for sample in _between(worker, first, t):
+            by_second.setdefault(sample.t, []).append(sample)
+    merged = [_merge(by_second[second]) for second in sorted(by_second)]
+    if not merged or merged[-1].t != t:
+        return {"t": None, "workers": [], "series": _series([])}
+    latest = merged[-1]
+    rows = []
+    for worker in workers:
+        mine = _between(worker, t - RATE_WINDOW, t)
+        row: dict[str, Any] = {"index": worker.index, "pid": worker.pid, "up": bool(mine)}
+        gauges = mine[-1].gauges if mine else {}
+        for gauge in ("devices", "connections", "memory_bytes"):
+            row[gauge] = gauges.get(gauge, 0)
+        row["rates"] = {key: _rate(mine, (name,)) for key, name in RATES.items()}
+        rows.append(row)
+    statuses = [worker.status for worker in live]
+    last_errors = [status for status in statuses if status.get("last_error_at")]
+    last = max(last_errors, key=lambda status: status["last_error_at"], default={})
+    gauges = latest.gauges
+    recent = merged[-RATE_WINDOW:]
+    totals = _summed(_totals_at(worker, t) for worker in live)
+    errors = [name for name in totals if name.startswith(ERROR_PREFIX)]
+    return {
+        "t": t,
+        "rate_window_s": RATE_WINDOW,
+        "latency_window_s": LATENCY_WINDOW,
+        "devices": gauges.get("devices", 0),
+        "connections": gauges.get("connections", 0),
+        "memory_bytes": gauges.get("memory_bytes", 0),
+        "rates": _rates(recent),
+        "latency_ms": _latency([s for s in merged if s.t > t - LATENCY_WINDOW]),
+        "storage": {
+            "ok": bool(gauges.get("storage_ok", 1)),
+            "rtt_ms": gauges.get("storage_rtt_ms"),
+            "error": next((s["error"] for s in statuses if s.get("error")), ""),
+            "last_error": last.get("last_error", ""),
+            "last_error_at": last.get("last_error_at"),
+        },
+        "errors": {
+            name[len(ERROR_PREFIX) :]: {"total": totals[name], "rate": _rate(recent, (name,))}
+            for name in errors
+        },
+        "error_events": {
+            "total": sum(totals[name] for name in errors),
+            "rate": _rate(recent, errors),
+        },
+        "totals": totals,
+        "workers": rows,
+        "series": _series([s for s in merged if s.t > since]),
+    }

@@ -1,0 +1,381 @@
+"""The operator dashboard's admin listener and /api/stats (issue 7), over real sockets.
+
+A known workload (N devices, M updates, K acks) is driven over the wire
+against the console script, with one process and with `processes = 2` on a
+real memcached, and /api/stats must count exactly that. Waits are for the
+once-a-second sampler to show the numbers, bounded; nothing times the
+server. The admin listener wants its token when one is set and is not
+reachable through the public port; a bad [admin] setting exits 2.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from simplepush.stats import Sample, Worker, bucket, bucket_ms, percentiles, view
+from tests.conftest import free_port, new_id
+from tests.test_cli import SCRIPT, Server, assert_config_error, launch, run_cli
+
+# fixtures of the cluster tests: memcached and supervised servers logging to a file
+from tests.test_cluster import (  # noqa: F401
+    Device,
+    call,
+    cluster,
+    memcached_proc,
+    notification,
+    put,
+    token_key,
+    wait_until,
+    worker_pids,
+)
+
+# Bounds for waiting on the sampler (one sample a second) and processes.
+STATS_TIMEOUT = 10.0
+EXIT_TIMEOUT = 5.0
+TOKEN = "s3cret-dashboard-token-0123456789"
+
+
+def admin_get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """GET path, query included, on a fresh connection; any status is returned."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=EXIT_TIMEOUT)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def stats(port: int, query: str = "", token: str = "") -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    status, body = admin_get(port, f"/api/stats{query}", headers)
+    assert status == 200, (status, body)
+    return json.loads(body)
+
+
+def stats_when(
+    port: int, condition: Callable[[dict[str, Any]], bool], what: str, token: str = ""
+) -> dict[str, Any]:
+    """The first /api/stats view meeting condition, asked a few times a second."""
+    deadline = time.monotonic() + STATS_TIMEOUT
+    while True:
+        current = stats(port, token=token)
+        if current["t"] is not None and condition(current):
+            return current
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {STATS_TIMEOUT} s for {what}; last view: {current}")
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Callable[..., tuple[Server, int]]]:
+    """start(token=...) -> (a console-script server with its dashboard on, its admin port)."""
+    started: list[Server] = []
+
+    def _start(**admin: str) -> tuple[Server, int]:
+        port = free_port()
+        server = launch(
+            SCRIPT, tmp_path, admin={"port": str(port), **admin}, output="stdout", level="info"
+        )
+        started.append(server)
+        return server, port
+
+    yield _start
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait(timeout=EXIT_TIMEOUT)
+
+
+def workload(server: Any, devices: int, connect: Callable[[Any], Device]) -> list[Device]:
+    """Each device: hello, register, one PUT delivered live, one ack. Returns the devices."""
+    opened = []
+    for _ in range(devices):
+        device = connect(server)
+        device.hello()
+        chid = new_id()
+        endpoint = device.register(chid)
+        assert put(endpoint, "version=1")[:2] == (200, b"{}")
+        assert device.recv() == notification((chid, 1))
+        device.ack((chid, 1))
+        opened.append(device)
+    return opened
+
+
+@pytest.fixture
+def connect() -> Iterator[Callable[[Any], Device]]:
+    opened: list[Device] = []
+
+    def _connect(server: Any) -> Device:
+        device = Device(server)
+        opened.append(device)
+        return device
+
+    yield _connect
+    for device in opened:
+        device.ws.close(timeout=0)
+
+
+def settled(expected: dict[str, int]) -> Callable[[dict[str, Any]], bool]:
+    return lambda current: all(current["totals"].get(k, 0) == v for k, v in expected.items())
+
+
+def test_one_process_counts_a_known_workload(start, connect):
+    server, admin = start()
+    devices = workload(server, 4, connect)
+    chid = new_id()
+    endpoint = devices[1].register(chid)
+    devices[1].disconnect()
+    assert put(endpoint, "version=5")[:2] == (202, b"{}")  # stored: the device left
+    assert put(endpoint, "version=abc").status == 400
+    assert put(server.url("/update/not-a-token"), "version=1").status == 404
+    assert put(endpoint, "data=" + "x" * 5000).status == 413
+
+    expected = {
+        "client.socket.connect": 4,
+        "client.socket.disconnect": 1,
+        "updates.client.hello": 4,
+        "updates.client.register": 5,
+        "updates.client.ack": 4,
+        "updates.sent": 4,
+        "updates.appserver.incoming": 8,
+        "put.delivered": 4,
+        "put.stored": 1,
+        "put.invalid": 1,
+        "put.invalid_token": 1,
+        "put.too_long": 1,
+    }
+    current = stats_when(
+        admin,
+        lambda v: settled(expected)(v) and v["devices"] == 3 and v["storage"]["rtt_ms"] is not None,
+        "the workload's totals",
+    )
+    assert "put.routed" not in current["totals"]
+    assert (current["devices"], current["connections"]) == (3, 3)
+    assert current["latency_ms"]["count"] == 4
+    p50, p95, p99 = (current["latency_ms"][key] for key in ("p50", "p95", "p99"))
+    assert 0 < p50 <= p95 <= p99
+    assert current["storage"]["ok"] is True and current["storage"]["rtt_ms"] is not None
+    assert current["memory_bytes"] > 0
+    assert current["errors"] == {}
+    [row] = current["workers"]
+    assert (row["index"], row["pid"], row["up"], row["devices"]) == (0, server.proc.pid, True, 3)
+    assert row["memory_bytes"] == current["memory_bytes"]
+
+    # The plotted per-second series add up to the same events.
+    series = current["series"]
+    spans = series["span"]
+    events = {"connect": 4, "delivered": 4, "stored": 1, "acks": 4, "updates": 8, "rejected": 3}
+    for key, total in events.items():
+        assert round(sum(r * s for r, s in zip(series[key], spans, strict=True))) == total, key
+
+    # The same second asked for again gives the same numbers; `since` trims the series.
+    again = stats(admin, f"?at={current['t']}&since={current['t'] - 3}")
+    assert {k: v for k, v in again.items() if k != "series"} == {
+        k: v for k, v in current.items() if k != "series"
+    }
+    assert again["series"]["t"] == [t for t in series["t"] if t > current["t"] - 3]
+
+
+def test_two_workers_with_memcached_count_the_whole_machine(request, connect):
+    admin = free_port()
+    server = request.getfixturevalue("cluster")(processes=2, admin_port=admin)
+    workload(server, 20, connect)
+    expected = {
+        "client.socket.connect": 20,
+        "updates.client.hello": 20,
+        "updates.client.register": 20,
+        "updates.client.ack": 20,
+        "updates.sent": 20,
+        "updates.appserver.incoming": 20,
+    }
+
+    def complete(current: dict[str, Any]) -> bool:
+        totals = current["totals"]
+        delivered = totals.get("put.delivered", 0) + totals.get("put.routed", 0)
+        return settled(expected)(current) and delivered == 20 and current["devices"] == 20
+
+    current = stats_when(admin, complete, "both workers' totals")
+    totals = current["totals"]
+    # Some PUTs landed on the worker not holding the device and were routed to the other.
+    assert totals["put.routed"] > 0
+    assert totals["updates.routed.incoming"] == totals["updates.routed.outgoing"]
+    assert totals["updates.routed.outgoing"] == totals["put.routed"]
+    assert current["latency_ms"]["count"] == 20
+    rows = current["workers"]
+    assert {row["index"]: row["pid"] for row in rows} == worker_pids(server)
+    assert all(row["up"] for row in rows)
+    assert sum(row["devices"] for row in rows) == current["devices"] == 20
+    assert sum(row["connections"] for row in rows) == current["connections"] == 20
+    assert sum(row["memory_bytes"] for row in rows) == current["memory_bytes"]
+    assert current["storage"]["ok"] is True
+
+
+def test_a_replaced_worker_0_serves_the_dashboard_again(request):
+    """The supervisor keeps the admin socket, as the public ones, for worker 0's replacement."""
+    admin = free_port()
+    server = request.getfixturevalue("cluster")(processes=2, admin_port=admin)
+
+    def up_pids() -> list[int]:
+        try:
+            return [row["pid"] for row in stats(admin)["workers"] if row["up"]]
+        except (OSError, AssertionError):
+            return []  # worker 0 is gone and its replacement not serving yet
+
+    before = worker_pids(server)
+    wait_until(lambda: up_pids() == [before[0], before[1]], STATS_TIMEOUT, "both workers")
+    os.kill(before[0], signal.SIGKILL)
+    wait_until(
+        lambda: (
+            worker_pids(server)[0] != before[0] and up_pids() == [worker_pids(server)[0], before[1]]
+        ),
+        STATS_TIMEOUT,
+        "the replacement worker 0 to serve the dashboard",
+    )
+
+
+def test_a_storage_outage_shows_as_failed_puts_errors_and_storage_down(request, connect):
+    admin = free_port()
+    server = request.getfixturevalue("cluster")(processes=1, admin_port=admin)
+    memcached = request.getfixturevalue("memcached_proc")
+    device = connect(server)
+    device.hello()
+    endpoint = device.register(new_id())
+    memcached.stop()
+    assert put(endpoint, "version=2").status == 503
+    current = stats_when(
+        admin,
+        lambda v: v["totals"].get("put.storage_error") == 1 and not v["storage"]["ok"],
+        "the outage to show",
+    )
+    assert current["errors"]["storage.error"]["total"] >= 1
+    assert memcached.address in current["storage"]["error"]
+    assert memcached.address in current["storage"]["last_error"]
+    memcached.start()
+    stats_when(admin, lambda v: v["storage"]["ok"], "storage to be healthy again")
+
+
+# --- the admin listener's doors ------------------------------------------------------------
+
+
+def test_a_configured_token_is_required_everywhere_on_the_admin_listener(start):
+    server, admin = start(token=TOKEN)
+    for path in ("/", "/api/stats", "/static/dashboard.js", "/static/dashboard.css"):
+        assert admin_get(admin, path)[0] == 401, path
+        assert admin_get(admin, path, {"Authorization": "Bearer wrong-token-0123456789"})[0] == 401
+        assert admin_get(admin, path, {"Authorization": f"Bearer {TOKEN}"})[0] == 200, path
+    assert admin_get(admin, "/api/stats?token=nope")[0] == 401
+    assert admin_get(admin, f"/api/stats?token={TOKEN}")[0] == 200
+
+    # A browser opens /?token=...: a cookie carries the token on, the address bar loses it.
+    conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=EXIT_TIMEOUT)
+    conn.request("GET", f"/?token={TOKEN}")
+    response = conn.getresponse()
+    response.read()
+    assert (response.status, response.headers["Location"]) == (302, "/")
+    cookie = response.headers["Set-Cookie"]
+    assert "httponly" in cookie.lower() and "samesite=strict" in cookie.lower()
+    cookie_header = {"Cookie": cookie.split(";", 1)[0]}
+    status, body = admin_get(admin, "/", cookie_header)
+    assert status == 200 and b"/static/dashboard.js" in body
+    assert admin_get(admin, "/api/stats", {"Cookie": "simplepush_admin=wrong"})[0] == 401
+    assert server.proc.poll() is None
+
+
+def test_the_dashboard_is_not_served_on_the_public_port_nor_the_public_routes_on_admin(start):
+    server, admin = start()
+    for path in ("/", "/api/stats", "/static/dashboard.js", "/stats"):
+        response = call("GET", server.url(path))
+        assert response.status == 400, path  # every unknown path is a WebSocket upgrade
+        assert b"rates" not in response.body and b"<html" not in response.body
+    assert admin_get(admin, "/api/stats")[0] == 200
+    assert admin_get(admin, "/status")[0] == 404
+    assert call("PUT", f"http://127.0.0.1:{admin}/update/x", b"version=1").status in (404, 405)
+    status, body = admin_get(admin, "/static/dashboard.js")
+    assert status == 200 and b"hand-written SVG" in body
+
+
+def test_the_dashboard_listens_on_router_host_by_default(start):
+    _, admin = start()
+    with socket.create_connection(("127.0.0.1", admin), timeout=EXIT_TIMEOUT):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("[admin]\nport = 70000\n", ["[admin] port", "70000"]),
+        ("[admin]\nport = web\n", ["[admin] port", "web"]),
+        ("[admin]\ntoken = short\n", ["[admin] token", "16"]),
+        ("[admin]\ntoken = has a space in it here\n", ["[admin] token"]),
+        ("[admin]\ncolour = blue\n", ["[admin] colour", "unknown key"]),
+        ("[server]\nport = 9999\n[admin]\nport = 9999\n", ["[admin] port", "[server] port"]),
+    ],
+    ids=["port-range", "port-word", "token-short", "token-space", "unknown-key", "public-port"],
+)
+def test_a_bad_admin_setting_exits_2_with_one_line(tmp_path, text, fragments):
+    config = tmp_path / "bad.ini"
+    config.write_text(text, encoding="utf-8")
+    result = run_cli(SCRIPT, "--config", str(config), cwd=tmp_path)
+    assert_config_error(result, [str(config), *fragments])
+
+
+def test_a_busy_admin_port_exits_2_with_one_line(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = tmp_path / "busy.ini"
+        config.write_text(f"[server]\nport = {free_port()}\n[admin]\nport = {port}\n")
+        result = run_cli(SCRIPT, "--config", str(config), cwd=tmp_path)
+    assert_config_error(result, [str(config), "[admin] port", str(port), "in use"])
+
+
+# --- the pure core --------------------------------------------------------------------------
+
+
+def test_latency_buckets_are_within_nine_percent_and_percentiles_rank_them():
+    for ms in (0.02, 0.5, 1.0, 3.3, 42.0, 999.0):
+        assert ms <= bucket_ms(bucket(ms)) <= ms * 1.091
+    histogram: dict[int, int] = {}
+    for ms in [1.0] * 50 + [10.0] * 45 + [100.0] * 5:
+        histogram[bucket(ms)] = histogram.get(bucket(ms), 0) + 1
+    assert percentiles(histogram, (0.5, 0.95, 0.99)) == [
+        round(bucket_ms(bucket(ms)), 3) for ms in (1.0, 10.0, 100.0)
+    ]
+    assert percentiles({}, (0.5,)) == [None]
+
+
+def test_workers_add_up_second_by_second_and_a_silent_one_does_not_hold_the_view():
+    def sample(t: int, delivered: int, devices: int) -> Sample:
+        gauges = {"devices": devices, "connections": devices, "memory_bytes": 100, "storage_ok": 1}
+        return Sample(t, 1, {"put.delivered": delivered}, {bucket(1.0): delivered}, gauges)
+
+    a, b = Worker(0, 10), Worker(1, 11)
+    for t in range(100, 110):
+        a.samples.append(sample(t, 2, 5))
+        b.samples.append(sample(t, 3, 7))
+    a.totals = {"put.delivered": 20}
+    b.totals = {"put.delivered": 30}
+    both = view([a, b])
+    assert (both["t"], both["devices"], both["memory_bytes"]) == (109, 12, 200)
+    assert both["rates"]["delivered"] == 5.0
+    assert both["series"]["delivered"] == [5.0] * 10
+    assert both["totals"] == {"put.delivered": 50}
+    assert view([a, b], at=105)["totals"] == {"put.delivered": 30}
+    for t in range(110, 120):
+        a.samples.append(sample(t, 2, 5))
+    a.totals = {"put.delivered": 40}
+    alone = view([a, b])
+    assert alone["t"] == 119 and alone["devices"] == 5
+    assert [row["up"] for row in alone["workers"]] == [True, False]
