@@ -20,7 +20,6 @@ measures speed.
 
 from __future__ import annotations
 
-import base64
 import collections
 import contextlib
 import copy
@@ -53,7 +52,7 @@ from simplepush.wsframes import (
     UNSUPPORTED_DATA,
 )
 from tests.test_cli import SCRIPT, Server, launch
-from tests.wsclient import MASK, client_frame, frame_header
+from tests.wsclient import MASK, client_frame, frame_header, upgrade_request
 
 SEED = int(os.environ.get("SIMPLEPUSH_FUZZ_SEED", "6062"))
 ITEMS = int(os.environ.get("SIMPLEPUSH_FUZZ_ITEMS", "3000"))
@@ -196,19 +195,6 @@ class Wire:
             if opcode == CLOSE:
                 payload[2:].decode("utf-8")
                 return int.from_bytes(payload[:2], "big") if payload else 1005
-
-
-def upgrade_request(port: int, **headers: str | None) -> bytes:
-    fields: dict[str, str | None] = {
-        "Host": f"127.0.0.1:{port}",
-        "Upgrade": "websocket",
-        "Connection": "Upgrade",
-        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
-        "Sec-WebSocket-Version": "13",
-    }
-    fields.update({name.replace("_", "-"): value for name, value in headers.items()})
-    lines = ["GET / HTTP/1.1", *(f"{k}: {v}" for k, v in fields.items() if v is not None)]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 def http_request(method: str, path: str, headers: dict[str, str], body: bytes = b"") -> bytes:

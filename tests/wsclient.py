@@ -61,7 +61,7 @@ def upgrade_request(port: int, **headers: str | None) -> bytes:
     }
     fields.update({name.replace("_", "-"): value for name, value in headers.items()})
     lines = ["GET / HTTP/1.1", *(f"{k}: {v}" for k, v in fields.items() if v is not None)]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 class RawDevice:
