@@ -22,6 +22,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,8 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from simplepush.bench.selfsigned import write_self_signed
 
 REPO = Path(__file__).resolve().parents[1]
 # The numbers each phase reports (nested dicts such as latency_ms are flattened).
@@ -110,8 +113,9 @@ def statsd_sink() -> tuple[int, list[int]]:
 def config_text(
     args: argparse.Namespace, port: int, statsd_port: int | None, settings: list[str]
 ) -> str:
+    scheme = "https" if args.tls else "http"
     sections: dict[str, dict[str, str]] = {
-        "server": {"port": str(port), "endpoint_url": f"http://127.0.0.1:{port}"},
+        "server": {"port": str(port), "endpoint_url": f"{scheme}://127.0.0.1:{port}"},
         "logging": {
             "level": "info" if args.logging == "info" else "critical",
             "output": "server.log",
@@ -161,6 +165,12 @@ def one_run(args: argparse.Namespace, bench_args: list[str], statsd_port: int | 
             f"server.router_port={free_port_run(16)}",
         ]
     with tempfile.TemporaryDirectory() as tmp:
+        trust = None
+        if args.tls:
+            certfile, keyfile = write_self_signed(Path(tmp))
+            settings += [f"server.ssl_certfile={certfile}", f"server.ssl_keyfile={keyfile}"]
+            trust = ssl.create_default_context(cafile=str(certfile))
+        scheme = "s" if args.tls else ""
         config = Path(tmp) / "config.ini"
         config.write_text(config_text(args, port, statsd_port, settings))
         env = dict(os.environ, PYTHONPATH=str(Path(args.tree).resolve()))
@@ -172,7 +182,9 @@ def one_run(args: argparse.Namespace, bench_args: list[str], statsd_port: int | 
             deadline = time.monotonic() + 15
             while True:
                 try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=1)
+                    urllib.request.urlopen(
+                        f"http{scheme}://127.0.0.1:{port}/status", timeout=1, context=trust
+                    )
                     break
                 except OSError:
                     if time.monotonic() > deadline or server.poll() is not None:
@@ -183,7 +195,8 @@ def one_run(args: argparse.Namespace, bench_args: list[str], statsd_port: int | 
                 [
                     str(Path(sys.executable).parent / "simplepush-bench"),
                     "--url",
-                    f"ws://127.0.0.1:{port}/",
+                    f"ws{scheme}://127.0.0.1:{port}/",
+                    *(("--ca-file", str(certfile)) if args.tls else ()),
                     *(arg for pid in pids for arg in ("--pid", str(pid))),
                     "--json",
                     str(report),
@@ -221,6 +234,11 @@ def main() -> None:
         "--memcached",
         action="store_true",
         help="start a memcached for each run, use it as the store, count its CPU",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve wss:// and https:// with a self-signed certificate made for each run",
     )
     parser.add_argument("--label", default="", help="name printed with the medians")
     parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="-- then bench options")

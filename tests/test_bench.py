@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ import pytest
 
 from simplepush.bench.device import ACK, READY, Device, Shared, mask_frame
 from simplepush.bench.report import percentiles
+from simplepush.bench.selfsigned import write_self_signed
 from simplepush.bench.settings import parse_source_ips
 from simplepush.httpclient import HttpConn, HttpPool
 from tests.conftest import free_port
@@ -227,20 +229,31 @@ def test_source_ips_and_percentiles() -> None:
 class Server:
     proc: subprocess.Popen[bytes]
     port: int
+    certfile: Path | None  # set when it serves wss:// and https://
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    """`python -m simplepush.cli` on a free port with the memory store; killed at teardown."""
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
+    """`python -m simplepush.cli` on a free port with the memory store; killed at teardown.
+
+    Parametrised indirectly with True, it serves TLS with a self-signed certificate.
+    """
     port = free_port()
     config = tmp_path / "server.ini"
+    certfile = None
+    tls = ""
+    if getattr(request, "param", False):
+        certfile, keyfile = write_self_signed(tmp_path)
+        tls = f"ssl_certfile = {certfile}\nssl_keyfile = {keyfile}\n"
+    scheme = "https" if certfile else "http"
     config.write_text(
-        f"[server]\nport = {port}\nendpoint_url = http://127.0.0.1:{port}\n"
+        f"[server]\nport = {port}\nendpoint_url = {scheme}://127.0.0.1:{port}\n{tls}"
         f"token_key = {base64.urlsafe_b64encode(os.urandom(32)).decode()}\n"  # a Fernet key
         f"[logging]\noutput = {tmp_path / 'server.log'}\n"
         "level = warning\n[admin]\nport = 0\n",
         encoding="utf-8",
     )
+    trust = ssl.create_default_context(cafile=str(certfile)) if certfile else None
     proc = subprocess.Popen(
         [sys.executable, "-m", "simplepush.cli", "--config", str(config)],
         cwd=ROOT,
@@ -251,23 +264,27 @@ def server(tmp_path: Path) -> Iterator[Server]:
     while True:
         assert proc.poll() is None, f"server exited {proc.returncode}"
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=1):
+            with urllib.request.urlopen(
+                f"{scheme}://127.0.0.1:{port}/status", timeout=1, context=trust
+            ):
                 break
         except OSError:
             assert time.monotonic() < deadline, "server did not answer /status"
             time.sleep(0.05)
-    yield Server(proc, port)
+    yield Server(proc, port, certfile)
     proc.kill()
     proc.wait(timeout=START_TIMEOUT)
 
 
 def bench_command(server: Server, report: Path, *options: str) -> list[str]:
+    tls = ("--ca-file", str(server.certfile)) if server.certfile else ()
     return [
         sys.executable,
         "-m",
         "simplepush.bench.cli",
         "--url",
-        f"ws://127.0.0.1:{server.port}/",
+        f"ws{'s' if server.certfile else ''}://127.0.0.1:{server.port}/",
+        *tls,
         "--pid",
         str(server.proc.pid),
         "--json",
@@ -351,6 +368,26 @@ def test_bench_runs_every_phase_against_the_server(server: Server, tmp_path: Pat
     ):
         assert summary[key] > 0, key
     assert number(summary["rss_kb_per_device_setup_delta"])
+
+
+@pytest.mark.parametrize("server", [True], indirect=True, ids=["tls"])
+def test_bench_speaks_wss_and_https_to_a_tls_server(server: Server, tmp_path: Path) -> None:
+    path = tmp_path / "report.json"
+    options = ["-n", "20", "-p", "1", "--phases", "setup,closed", "-d", "1", "-c", "4"]
+    done = subprocess.run(
+        bench_command(server, path, *options),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=BENCH_TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    phases = json.loads(path.read_text())["phases"]
+    assert phases["setup"]["devices_connected"] == 20
+    assert phases["setup"]["setup_errors_by_kind"] == {}
+    closed = phases["closed"]
+    assert closed["round_trips"] > 0 and closed["round_trips"] == closed["puts_sent"]
+    assert (closed["errors"], closed["timeouts"], closed["stored"]) == (0, 0, 0)
 
 
 def test_soak_counts_the_sockets_of_a_killed_server_as_dropped(

@@ -27,7 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Drive a SimplePush server over the wire (WebSocket + HTTP PUT) and report "
         "setup rate, round-trip latency, errors, dropped sockets and server CPU/RSS.",
     )
-    p.add_argument("--url", default="ws://127.0.0.1:8080/", help="server WebSocket URL")
+    p.add_argument("--url", default="ws://127.0.0.1:8080/", help="server WebSocket URL (ws or wss)")
+    p.add_argument(
+        "--ca-file",
+        default="",
+        help="wss:// and https://: PEM certificate(s) to trust, e.g. a self-signed one;"
+        " empty = the system's",
+    )
     p.add_argument(
         "-n",
         "--devices",
@@ -132,8 +138,8 @@ def plan_from(args: argparse.Namespace, start: float) -> Plan:
         raise ValueError(f"--ping-interval must be at least {SOAK_TICK:g} s")
     if args.timeout <= REPORT_GRACE:
         raise ValueError(f"--timeout must be more than {REPORT_GRACE:g} s")
-    ws, ws_path = Target.parse(args.url, ("ws",))
-    base = Target.parse(args.endpoint_base, ("http",))[0] if args.endpoint_base else None
+    ws, ws_path = Target.parse(args.url, ("ws", "wss"))
+    base = Target.parse(args.endpoint_base, ("http", "https"))[0] if args.endpoint_base else None
     ips = parse_source_ips(args.source_ips)
     if args.devices > len(ips) * ephemeral_ports():
         raise ValueError(
@@ -158,6 +164,7 @@ def plan_from(args: argparse.Namespace, start: float) -> Plan:
                 first_device=first,
                 ws=ws,
                 ws_path=ws_path,
+                ca_file=args.ca_file,
                 source_ips=ips,
                 endpoint_base=base,
                 connect_concurrency=args.connect_concurrency,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import resource
 import socket
+import ssl
 from typing import TypeVar
 
 from simplepush.bench.settings import Target
@@ -16,8 +17,10 @@ P = TypeVar("P", bound=asyncio.Protocol)
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
-async def connect(protocol: P, target: Target, source_ip: str) -> P:
-    """Connect ``protocol`` to ``target`` from ``source_ip``.
+async def connect(
+    protocol: P, target: Target, source_ip: str, tls: ssl.SSLContext | None = None
+) -> P:
+    """Connect ``protocol`` to ``target`` from ``source_ip``, over TLS when given a context.
 
     asyncio's ``create_connection(local_addr=...)`` binds too, but cannot set
     IP_BIND_ADDRESS_NO_PORT, so we build and connect the socket ourselves and
@@ -30,7 +33,12 @@ async def connect(protocol: P, target: Target, source_ip: str) -> P:
         sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
         sock.bind((source_ip, 0))
         await loop.sock_connect(sock, (target.ip, target.port))
-        await loop.create_connection(lambda: protocol, sock=sock)
+        await loop.create_connection(
+            lambda: protocol,
+            sock=sock,
+            ssl=tls,
+            server_hostname=target.hostname if tls is not None else None,
+        )
     except BaseException:
         sock.close()
         raise

@@ -15,6 +15,7 @@ class Target:
     host: str  # as written, for the Host header
     ip: str
     port: int
+    tls: bool = False  # wss:// or https://
 
     @classmethod
     def parse(cls, url: str, schemes: tuple[str, ...]) -> tuple[Target, str]:
@@ -24,11 +25,17 @@ class Target:
             raise ValueError(f"{url!r}: scheme must be one of {', '.join(schemes)}")
         if not parts.hostname:
             raise ValueError(f"{url!r}: no host")
-        port = parts.port or 80
+        tls = parts.scheme in ("wss", "https")
+        port = parts.port or (443 if tls else 80)
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
-        return cls(parts.netloc, resolve(parts.hostname), port), path
+        return cls(parts.netloc, resolve(parts.hostname), port, tls), path
+
+    @property
+    def hostname(self) -> str:
+        """The host without its port, as a TLS certificate names it."""
+        return urlsplit("//" + self.host).hostname or self.ip
 
 
 def resolve(host: str) -> str:
@@ -68,6 +75,7 @@ class WorkerSettings:
     first_device: int  # global index of this worker's first device (source IP round-robin)
     ws: Target
     ws_path: str
+    ca_file: str  # PEM of the CA (or self-signed certificate) to trust for wss://; "" = system
     source_ips: tuple[str, ...]
     endpoint_base: Target | None  # rewrite pushEndpoint scheme://host:port to this
     connect_concurrency: int

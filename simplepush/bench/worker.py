@@ -12,6 +12,7 @@ import asyncio
 import errno
 import itertools
 import signal
+import ssl
 import time
 import traceback
 from collections import deque
@@ -50,6 +51,8 @@ class Worker:
         # One counter for all channels of this process: each channel's versions increase.
         self.versions = itertools.count(1)
         self.shared = Shared(settings.ws.host, settings.ws_path, self.endpoint)
+        # For wss:// devices and https:// endpoints alike.
+        self.tls = ssl.create_default_context(cafile=settings.ca_file or None)
         self.marks = (0, 0, 0, 0)  # shared's counters at the end of the last phase
         self.phases: dict[str, Callable[..., Awaitable[Tally]]] = {
             "setup": self.setup,
@@ -110,8 +113,8 @@ class Worker:
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         target = self.s.endpoint_base
         if target is None:
-            if parts.scheme != "http" or not parts.hostname:
-                raise ValueError("endpoint is not http:// (use --endpoint-base)")
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("endpoint is not http:// or https:// (use --endpoint-base)")
             host = parts.hostname
             if host not in self.ips:
                 try:
@@ -120,12 +123,14 @@ class Worker:
                     raise ValueError("endpoint host does not resolve") from None
             if self.ips[host] != self.s.ws.ip:
                 raise ValueError("endpoint host is not the --url host (use --endpoint-base)")
-            target = Target(parts.netloc, self.ips[host], parts.port or 80)
+            tls = parts.scheme == "https"
+            target = Target(parts.netloc, self.ips[host], parts.port or (443 if tls else 80), tls)
         pool = self.pools.get((target.ip, target.port))
         if pool is None:
             source = self.s.source_ips[self.s.index % len(self.s.source_ips)]
+            tls = self.tls if target.tls else None
             pool = self.pools[target.ip, target.port] = HttpPool(
-                target.host, lambda conn: connect(conn, target, source), self.s.http_conns
+                target.host, lambda conn: connect(conn, target, source, tls), self.s.http_conns
             )
         return pool, path.encode()
 
@@ -155,7 +160,9 @@ class Worker:
                 start = perf_counter()
                 try:
                     async with asyncio.timeout(self.s.op_timeout):
-                        await connect(device, self.s.ws, ips[(self.s.first_device + i) % len(ips)])
+                        source = ips[(self.s.first_device + i) % len(ips)]
+                        tls = self.tls if self.s.ws.tls else None
+                        await connect(device, self.s.ws, source, tls)
                         ready = await waiter
                 except DeviceError as exc:
                     kind = exc.args[0]
