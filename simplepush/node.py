@@ -32,6 +32,7 @@ class Node:
     max_message_size: int = 256 * 1024
     max_body_size: int = 64 * 1024
     max_header_size: int = 16 * 1024
+    body_timeout: float = 10.0
     min_ping_interval: float = 0.0
     started_at: float = field(default_factory=time.time)
     # Identified sessions (those holding a UAID), kept here so /realstatus need not scan sockets.

@@ -115,6 +115,7 @@ def build_node(settings: Settings, index: int = 0) -> Node:
         max_message_size=server.max_message_size,
         max_body_size=server.max_body_size,
         max_header_size=server.max_header_size,
+        body_timeout=server.body_timeout,
         min_ping_interval=server.min_ping_interval,
     )
     store.watch_losses(node.records_lost)
@@ -130,8 +131,8 @@ def public_server(app: HTTPServerConnectionDelegate, server: ServerSettings) -> 
         # the connection of a head it cannot even hold, at four times that.
         max_header_size=4 * server.max_header_size,
         max_body_size=server.max_body_size,
+        # Also how long a request head may take: Tornado times the head's read with it.
         idle_connection_timeout=server.idle_timeout,
-        body_timeout=server.body_timeout,
     )
 
 

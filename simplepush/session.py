@@ -165,6 +165,8 @@ class Session:
             status=200 if registered else 413,
         )
         if not registered:
+            # A limit was hit: said at info, without the UAID (debug only, above).
+            event(logging.INFO, "websocket.too_many_channels", max_channels=node.max_channels)
             self._transport.send(protocol.error_reply(register.raw, 413))
             return
         node.metrics.incr("updates.client.register")

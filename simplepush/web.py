@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from http.client import responses
 from typing import Any
 
+from tornado.http1connection import HTTP1Connection
 from tornado.httputil import (
     HTTPConnection,
     HTTPHeaders,
@@ -147,10 +148,13 @@ class FrontDoor(HTTPServerConnectionDelegate):
     endpoint needs none of their features.
     """
 
-    def __init__(self, app: Application, fast: FastPath, max_header_size: int) -> None:
+    def __init__(
+        self, app: Application, fast: FastPath, max_header_size: int, body_timeout: float
+    ) -> None:
         self.app = app
         self.fast = fast
         self.max_header_size = max_header_size
+        self.body_timeout = body_timeout
 
     def start_request(
         self, server_conn: object, request_conn: HTTPConnection
@@ -169,6 +173,7 @@ class _Dispatch(HTTPMessageDelegate):
         self._server_conn = server_conn
         self._request_conn = request_conn
         self._target: HTTPMessageDelegate | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
 
     def headers_received(
         self, start_line: RequestStartLine | ResponseStartLine, headers: HTTPHeaders
@@ -182,17 +187,36 @@ class _Dispatch(HTTPMessageDelegate):
             self._target = door.fast(start_line, connection) or door.app.start_request(
                 self._server_conn, connection
             )
+        if headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in headers:
+            # One timer per request with a body, rather than Tornado's body_timeout,
+            # which wraps every read in a timeout future (8% of a PUT's CPU, measured).
+            self._body_timer = asyncio.get_running_loop().call_later(
+                door.body_timeout, self._body_too_slow
+            )
         return self._target.headers_received(start_line, headers)
 
     def data_received(self, chunk: bytes) -> Awaitable[None] | None:
         return self._target.data_received(chunk)
 
     def finish(self) -> None:
+        self._stop_timer()
         self._target.finish()
 
     def on_connection_close(self) -> None:
+        self._stop_timer()
         if self._target is not None:
             self._target.on_connection_close()
+
+    def _stop_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_too_slow(self) -> None:
+        self._body_timer = None
+        event(logging.INFO, "http.body_timeout", timeout=self._door.body_timeout)
+        assert isinstance(self._request_conn, HTTP1Connection)
+        self._request_conn.close()
 
 
 def _head_size(start_line: RequestStartLine, headers: HTTPHeaders) -> int:
@@ -204,7 +228,7 @@ def _head_size(start_line: RequestStartLine, headers: HTTPHeaders) -> int:
 
 
 # A refused request's body is read and dropped (so the client can read the
-# answer, and the connection stays usable); body_timeout bounds how long.
+# answer, and the connection stays usable); the body timer bounds how long.
 _DRAIN = 1 << 62
 
 
@@ -422,7 +446,7 @@ def make_app(node: Node) -> FrontDoor:
             return UpdateRequest(node, connection)
         return None
 
-    return FrontDoor(app, fast, node.max_header_size)
+    return FrontDoor(app, fast, node.max_header_size, node.body_timeout)
 
 
 def _log_request(handler: RequestHandler) -> None:

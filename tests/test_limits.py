@@ -236,10 +236,21 @@ async def test_a_head_sent_a_byte_at_a_time_is_cut_at_the_idle_timeout(peer):
 
 
 @pytest.mark.server(body_timeout=0.5)
-async def test_a_body_that_stops_coming_is_cut_at_the_body_timeout(connect, peer):
+async def test_a_body_that_stops_coming_is_cut_at_the_body_timeout(connect, peer, caplog):
+    caplog.set_level(logging.INFO)
     _device, _channel, path = await registered(connect)
     client = await peer()
     await client.send(request("PUT", path, headers={**FORM, "Content-Length": "100"}) + b"ver")
+    assert await client.closed_within(FRAME_TIMEOUT)
+    timeouts = [r.fields for r in caplog.records if r.getMessage() == "http.body_timeout"]
+    assert timeouts == [{"timeout": 0.5}]
+
+
+@pytest.mark.server(body_timeout=0.5)
+async def test_a_chunked_body_that_stops_coming_is_cut_too(peer):
+    client = await peer()
+    head = request("PUT", "/update/x", headers={**FORM, "Transfer-Encoding": "chunked"})
+    await client.send(head + b"5\r\nversi")
     assert await client.closed_within(FRAME_TIMEOUT)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 import uuid
@@ -580,7 +581,8 @@ async def test_registering_the_same_channels_over_and_over_succeeds(connect):  #
 
 @pytest.mark.server(max_channels=3)
 @pytest.mark.gen_test
-async def test_register_beyond_max_channels_is_413_and_stays_open(connect):
+async def test_register_beyond_max_channels_is_413_and_stays_open(connect, caplog):
+    caplog.set_level(logging.INFO)
     device = await connect()
     await device.hello()
     chids = [new_id() for _ in range(3)]
@@ -590,6 +592,12 @@ async def test_register_beyond_max_channels_is_413_and_stays_open(connect):
     assert await device.request(frame) == error(frame, 413)
     await device.register(chids[0])  # a duplicate is not a new channel
     await assert_open_and_quiet(device)
+    said = [
+        (r.levelno, r.fields)
+        for r in caplog.records
+        if getattr(r, "event_type", "") == "websocket.too_many_channels"
+    ]
+    assert said == [(logging.INFO, {"max_channels": 3})]
 
 
 # --- PROTOCOL.md 3.4: unregister -------------------------------------------

@@ -154,6 +154,9 @@ class _Connection(asyncio.Protocol):
             future = self._pending.popleft()[1]
             if not future.done():
                 future.set_exception(exc)
+                # A caller cancelled meanwhile (a closing socket, a shutdown) no longer
+                # waits: retrieve it here so that asyncio does not report it at exit.
+                future.exception()
         self._buffer.clear()
         self._out.clear()
         if self._watchdog is not None:
