@@ -72,10 +72,13 @@ class Router:
         """A device left: clear its holder record without making the socket's close wait."""
         self._spawn(self._release(uaid, Holder(self.url, connected_at)))
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Stop the releases still running, and wait until they have."""
         self._peers.close()
-        for task in self._background:
+        tasks = list(self._background)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)

@@ -287,8 +287,8 @@ async def serve(
         if not (len(node.registry) or node.puts_in_flight) or loop.time() >= deadline:
             break
     await http_server.close_all_connections()  # idle keep-alive ones
+    await node.router.close()
     await node.store.close()
-    node.router.close()
     node.metrics.flush()
     event(logging.INFO, "server.stop", worker=index, closed_sockets=open_sockets)
 

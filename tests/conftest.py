@@ -135,7 +135,12 @@ def server_settings(
 def node(server_settings: Settings, io_loop: IOLoop) -> Iterator[Node]:
     node = build_node(server_settings)
     yield node
-    io_loop.run_sync(node.store.close)
+
+    async def close() -> None:
+        await node.router.close()
+        await node.store.close()
+
+    io_loop.run_sync(close)
 
 
 @pytest.fixture
