@@ -10,11 +10,13 @@ import asyncio
 import json
 import logging
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from simplepush.config import StorageSettings
+from simplepush.connection import MAX_WRITE_BUFFER
 from simplepush.wsframes import POLICY_VIOLATION
 from tests.conftest import FRAME_TIMEOUT
 from tests.wsclient import PING, RawDevice, client_frame, upgrade_request
@@ -336,7 +338,11 @@ async def test_a_device_that_never_reads_its_updates_is_cut_and_gets_them_on_rec
     watcher, watched, watched_path = await registered(connect)
     data = "d" * 4096
     statuses = []
-    for version in range(1, 4000):
+    # Enough to fill the device's receive buffer, the server's send buffer (at most
+    # tcp_wmem's maximum) and MAX_WRITE_BUFFER, twice over.
+    wmem_max = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    room = raw.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) + wmem_max + MAX_WRITE_BUFFER
+    for version in range(1, 2 * room // len(data)):
         response = await put(endpoint, f"version={version}&data={data}")
         statuses.append(response.code)
         if response.code != 200:

@@ -57,6 +57,8 @@ async def test_a_bent_token_is_404_and_changes_nothing(connect, put):
     await device.hello()
     channel = str(uuid.uuid4())
     endpoint = await device.register(channel)
+    while not set(token_of(endpoint)) & set("-_"):  # else standard base64 spells it the same
+        endpoint = await device.register(channel)
     token = token_of(endpoint)
     for how, forged in forgeries(token).items():
         assert forged != token, how
