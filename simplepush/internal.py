@@ -31,8 +31,16 @@ from simplepush.updates import Update
 
 MAX_HEAD = 8192
 MAX_BODY = 64 * 1024
-_REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found"}
+_REASONS = {
+    200: b"OK",
+    202: b"Accepted",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    404: b"Not Found",
+}
 _NOT_HERE = b'{"status":404,"error":"Not Connected Here"}'
+# Its hello is under way here: the update goes out in that hello's flush (registry.arriving).
+_ARRIVING = b'{"status":202}'
 
 
 class InternalConnection(asyncio.Protocol):
@@ -103,6 +111,8 @@ class InternalConnection(asyncio.Protocol):
         session = node.registry.get(uaid)
         if session is not None and session.deliver(Update(channel_id, version, data)):
             return 200, b"{}"
+        if node.registry.arriving(uaid):
+            return 202, _ARRIVING
         return 404, _NOT_HERE
 
     def _kick(self, uaid: str, connected_at: bytes) -> tuple[int, bytes]:

@@ -72,13 +72,14 @@ class Peers:
             return None
         return status
 
-    async def push(self, url: str, uaid: str, update: Update) -> bool:
-        """Whether the peer wrote the update to the device's socket."""
+    async def push(self, url: str, uaid: str, update: Update) -> int | None:
+        """The peer's answer: 200 written to the socket, 202 its hello's flush will send it,
+        404 not connected there; None when it cannot be reached."""
         body = json.dumps(
             {"channelID": update.channel_id, "version": update.version, "data": update.data},
             separators=(",", ":"),
         ).encode("utf-8")
-        return await self._request(url, b"PUT", f"/push/{uaid}", body) == 200
+        return await self._request(url, b"PUT", f"/push/{uaid}", body)
 
     async def kick(self, url: str, uaid: str, connected_at: float) -> None:
         """Ask the peer to close its socket for uaid if it is the one from connected_at."""

@@ -32,12 +32,29 @@ class Registry:
     def __init__(self) -> None:
         self.connections: set[Live] = set()
         self._by_uaid: dict[str, Live] = {}
+        # UAIDs whose hello has written this node into the store and not yet claimed here.
+        self._arriving: dict[str, Live] = {}
 
     def __len__(self) -> int:
         return len(self.connections)
 
     def get(self, uaid: str) -> Live | None:
         return self._by_uaid.get(uaid)
+
+    def arrive(self, uaid: str, session: Live) -> None:
+        self._arriving[uaid] = session
+
+    def arrived(self, uaid: str, session: Live) -> None:
+        if self._arriving.get(uaid) is session:
+            del self._arriving[uaid]
+
+    def arriving(self, uaid: str) -> bool:
+        """A hello for uaid is between naming this node in the store and claiming it here.
+
+        An update routed meanwhile finds no session, yet must not clear the
+        holder record: it was stored first, and that hello's flush sends it.
+        """
+        return uaid in self._arriving
 
     def claim(self, uaid: str, session: Live) -> bool:
         """Bind uaid to session unless a newer connection holds it; the older one is closed."""

@@ -54,10 +54,15 @@ class Router:
             session = self._registry.get(uaid)
             if session is not None and session.deliver(update):
                 return Delivery.DELIVERED
+            if self._registry.arriving(uaid):
+                return Delivery.STORED  # the flush after its hello sends it; keep the holder
         else:
             self._metrics.incr("updates.routed.outgoing")
-            if await self._peers.push(holder.node, uaid, update):
+            answer = await self._peers.push(holder.node, uaid, update)
+            if answer == 200:
                 return Delivery.ROUTED
+            if answer == 202:
+                return Delivery.STORED  # as above, on the holding node
             self._metrics.incr("updates.routed.error")
         # The holder no longer has the socket: forget it unless a newer one took over.
         await self._store.release(uaid, holder)

@@ -133,7 +133,11 @@ class Session:
             key = uaid = new_uaid()
             outcome = "reset"
         holder = Holder(node.router.url, self.connected_at)
-        other = await store.hello(key, hello.wakeup, holder)
+        node.registry.arrive(key, self)
+        try:
+            other = await store.hello(key, hello.wakeup, holder)
+        finally:
+            node.registry.arrived(key, self)
         if self.closed:
             await store.release(key, holder)
             return
