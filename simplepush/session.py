@@ -42,8 +42,8 @@ def new_uaid() -> str:
 class Session:
     __slots__ = (
         "_last_ping",
-        "_live",
         "_node",
+        "_sent",
         "_transport",
         "closed",
         "connected_at",
@@ -59,8 +59,9 @@ class Session:
         self.key: str | None = None  # canonical UAID once identified
         self.closed = False
         self._last_ping = 0.0
-        # Versions delivered live while a flush reads the store, by channel; None otherwise.
-        self._live: dict[str, int] | None = None
+        # Versions written from the hello's flush on, by channel, until the device's first
+        # ack: an update both stored before the flush read it and routed live goes out once.
+        self._sent: dict[str, int] | None = None
 
     async def receive(self, text: str) -> None:
         """Handle one text frame; storage trouble becomes a 503 and a close."""
@@ -193,6 +194,7 @@ class Session:
     async def _ack(self, ack: Ack) -> None:
         metrics = self._node.metrics
         metrics.incr("updates.client.ack")
+        self._sent = None
         start = time.monotonic() if metrics.enabled else 0.0
         remaining = await self._node.store.ack(self.key, ack.acks)
         if remaining:
@@ -211,17 +213,16 @@ class Session:
     async def _flush(self) -> None:
         """Send what was stored while the device was away; `client.flush` times it.
 
-        An update delivered live while the stored ones are being read is not
-        sent a second time by the flush.
+        What was delivered live while the store was read is not sent again,
+        nor is what the flush sent when the router delivers it live next.
         """
         metrics = self._node.metrics
         start = time.monotonic() if metrics.enabled else 0.0
-        self._live = {}
-        try:
-            pending = await self._node.store.pending(self.key)
-        finally:
-            live, self._live = self._live, None
-        pending = [u for u in pending if live.get(u.channel_id, -1) < u.version]
+        self._sent = sent = {}
+        pending = await self._node.store.pending(self.key)
+        pending = [u for u in pending if sent.get(u.channel_id, -1) < u.version]
+        for update in pending:
+            sent[update.channel_id] = update.version
         if pending:
             self._send_updates(pending)
         if metrics.enabled:
@@ -237,10 +238,13 @@ class Session:
 
     def deliver(self, update: Update) -> bool:
         """A live update from the router; False if the socket is gone."""
+        sent = self._sent
+        if sent is not None and sent.get(update.channel_id, -1) >= update.version:
+            return not self.closed  # written already, by the flush or live
         if self.closed or not self._transport.send(protocol.notification((update,))):
             return False
-        if self._live is not None:
-            self._live[update.channel_id] = update.version
+        if sent is not None:
+            sent[update.channel_id] = update.version
         self._node.metrics.incr("updates.sent")
         if log.isEnabledFor(logging.DEBUG):
             event(logging.DEBUG, "websocket.notification", uaid=self.uaid, updates=1)
