@@ -616,6 +616,8 @@ def test_a_cluster_config_that_cannot_work_exits_2_with_one_line(
     router_port = free_ports(2)
     with socket.socket() as taken:
         if busy is not None:
+            # As free_ports probed it: a TIME_WAIT left by an earlier test must not matter.
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             taken.bind(("127.0.0.1", router_port + busy))
             taken.listen()
         config = tmp_path / "cluster.ini"
