@@ -295,6 +295,16 @@ def bench_command(server: Server, report: Path, *options: str) -> list[str]:
     ]
 
 
+def run_bench(server: Server, report: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        bench_command(server, report, *options),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=BENCH_TIMEOUT,
+    )
+
+
 def number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -313,13 +323,7 @@ def test_bench_runs_every_phase_against_the_server(server: Server, tmp_path: Pat
         "--source-ips",
         "127.0.0.1-127.0.0.2",
     ]
-    done = subprocess.run(
-        bench_command(server, path, *options),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=BENCH_TIMEOUT,
-    )
+    done = run_bench(server, path, *options)
     assert done.returncode == 0, done.stderr
     assert "round trips/s" in done.stderr  # the human table
     report = json.loads(path.read_text())
@@ -374,13 +378,7 @@ def test_bench_runs_every_phase_against_the_server(server: Server, tmp_path: Pat
 def test_bench_speaks_wss_and_https_to_a_tls_server(server: Server, tmp_path: Path) -> None:
     path = tmp_path / "report.json"
     options = ["-n", "20", "-p", "1", "--phases", "setup,closed", "-d", "1", "-c", "4"]
-    done = subprocess.run(
-        bench_command(server, path, *options),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=BENCH_TIMEOUT,
-    )
+    done = run_bench(server, path, *options)
     assert done.returncode == 0, done.stderr
     phases = json.loads(path.read_text())["phases"]
     assert phases["setup"]["devices_connected"] == 20
