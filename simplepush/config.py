@@ -278,9 +278,14 @@ def load(path: str) -> Settings:
     return settings
 
 
+def worker_count(server: ServerSettings) -> int:
+    """`processes`, where 0 means one per CPU."""
+    return server.processes or os.cpu_count() or 1
+
+
 def _check_together(settings: Settings) -> None:
     path = settings.path
-    server = settings.server
+    server, admin = settings.server, settings.admin
     if bool(server.ssl_certfile) != bool(server.ssl_keyfile):
         given, missing = ("ssl_certfile", "ssl_keyfile")
         if server.ssl_keyfile:
@@ -294,16 +299,14 @@ def _check_together(settings: Settings) -> None:
                 f"{path}: [server] ssl_certfile: cannot load {server.ssl_certfile}"
                 f" with {server.ssl_keyfile}: {exc.strerror or exc}"
             ) from None
-    if settings.server.processes != 1 and settings.storage.backend == "memory":
+    if server.processes != 1 and settings.storage.backend == "memory":
         raise ConfigError(
             f"{path}: [server] processes: the memory backend serves one process;"
             " set processes = 1 (several processes need backend = memcached)"
         )
-    server, admin = settings.server, settings.admin
     if admin.port and admin.port == server.port:
         raise ConfigError(f"{path}: [admin] port: {admin.port} is [server] port; pick another")
-    workers = server.processes or os.cpu_count() or 1
-    routers = range(server.router_port, server.router_port + workers)
+    routers = range(server.router_port, server.router_port + worker_count(server))
     if admin.port in routers and settings.storage.backend == "memcached":
         raise ConfigError(
             f"{path}: [admin] port: {admin.port} is a worker's router port"

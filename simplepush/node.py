@@ -28,12 +28,12 @@ class Node:
     max_channels: int
     max_connections: int
     hello_timeout: float
-    # Limits on what one peer may send (docs/SECURITY.md); defaults as in config.py.
-    max_message_size: int = 256 * 1024
-    max_body_size: int = 64 * 1024
-    max_header_size: int = 16 * 1024
-    body_timeout: float = 10.0
-    min_ping_interval: float = 0.0
+    # Limits on what one peer may send (docs/SECURITY.md), from [server].
+    max_message_size: int
+    max_body_size: int
+    max_header_size: int
+    body_timeout: float
+    min_ping_interval: float
     started_at: float = field(default_factory=time.time)
     # Identified sessions (those holding a UAID), kept here so /realstatus need not scan sockets.
     devices: int = 0

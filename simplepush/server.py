@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import errno
 import logging
-import os
 import resource
 import signal
 
@@ -16,7 +15,14 @@ from tornado.netutil import bind_sockets
 
 from simplepush import __version__, logs
 from simplepush.admin import Collector, make_admin_app
-from simplepush.config import ConfigError, ServerSettings, Settings, StorageSettings, tls_context
+from simplepush.config import (
+    ConfigError,
+    ServerSettings,
+    Settings,
+    StorageSettings,
+    tls_context,
+    worker_count,
+)
 from simplepush.internal import serve_internal
 from simplepush.logs import event
 from simplepush.metrics import Metrics, NullMetrics
@@ -150,10 +156,6 @@ def with_token_key(settings: Settings) -> Settings:
     return dataclasses.replace(settings, server=server)
 
 
-def worker_count(settings: Settings) -> int:
-    return settings.server.processes or os.cpu_count() or 1
-
-
 def _bind(
     settings: Settings, key: str, host: str, port: int, reuse_port: bool, section: str = "server"
 ) -> list:
@@ -244,7 +246,7 @@ async def serve(
         sampler.start()
     collector = admin_server = None
     if admin:
-        peers = {i: node_url(settings, i) for i in range(1, worker_count(settings))}
+        peers = {i: node_url(settings, i) for i in range(1, worker_count(settings.server))}
         collector = Collector(node, peers, secrets[0])
         collector.start()
         admin_server = HTTPServer(make_admin_app(collector, settings.admin.token))
@@ -301,7 +303,7 @@ def run(settings: Settings) -> None:
         settings.logging.name,
     )
     settings = with_token_key(settings)
-    count = worker_count(settings)
+    count = worker_count(settings.server)
     public = listen(settings, count)
     internal = listen_internal(settings, count)
     admin = listen_admin(settings)
@@ -314,9 +316,9 @@ def run(settings: Settings) -> None:
             if other != index:
                 for sock in sockets + internals:
                     sock.close()
-        dashboard = [] if index else admin
-        for sock in admin:
-            if not dashboard:
+        dashboard = admin if index == 0 else []
+        if index:
+            for sock in admin:
                 sock.close()
         asyncio.run(serve(settings, public[index], internal[index], index, dashboard))
         return 0

@@ -15,7 +15,9 @@ import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+K = TypeVar("K")
 
 HISTORY = 900  # samples kept: 15 minutes at one a second
 RATE_WINDOW = 5  # seconds averaged for the headline rates
@@ -147,8 +149,7 @@ class Stats:
             if value != base.get(name, 0)
         }
         self._base = current
-        for name, delta in deltas.items():
-            self.totals[name] = self.totals.get(name, 0) + delta
+        _add(self.totals, deltas)
         span = t - self.samples[-1].t if self.samples else 1
         sample = Sample(t, max(span, 1), deltas, self.latency, gauges)
         self.latency = {}
@@ -193,6 +194,12 @@ class Worker:
                 self.samples.append(sample)
 
 
+def _add(into: dict[K, int], more: dict[K, int]) -> None:
+    """Counts of `more` added to `into`, name by name."""
+    for name, value in more.items():
+        into[name] = into.get(name, 0) + value
+
+
 def _merge(samples: Iterable[Sample]) -> Sample:
     """Several workers' samples of one second as one."""
     samples = list(samples)
@@ -200,10 +207,8 @@ def _merge(samples: Iterable[Sample]) -> Sample:
     latency: dict[int, int] = {}
     gauges: dict[str, list[float]] = {}
     for sample in samples:
-        for name, value in sample.counts.items():
-            counts[name] = counts.get(name, 0) + value
-        for index, value in sample.latency.items():
-            latency[index] = latency.get(index, 0) + value
+        _add(counts, sample.counts)
+        _add(latency, sample.latency)
         for name, value in sample.gauges.items():
             gauges.setdefault(name, []).append(value)
     merged = {name: _GAUGE_MERGE.get(name, sum)(values) for name, values in gauges.items()}
@@ -228,8 +233,7 @@ def _rates(samples: Sequence[Sample]) -> dict[str, Any]:
 def _latency(samples: Sequence[Sample]) -> dict[str, Any]:
     histogram: dict[int, int] = {}
     for sample in samples:
-        for index, count in sample.latency.items():
-            histogram[index] = histogram.get(index, 0) + count
+        _add(histogram, sample.latency)
     p50, p95, p99 = percentiles(histogram, (0.5, 0.95, 0.99))
     return {"p50": p50, "p95": p95, "p99": p99, "count": sum(histogram.values())}
 
@@ -258,8 +262,7 @@ def _totals_at(worker: Worker, t: int) -> dict[str, int]:
 def _summed(totals: Iterable[dict[str, int]]) -> dict[str, int]:
     summed: dict[str, int] = {}
     for each in totals:
-        for name, value in each.items():
-            summed[name] = summed.get(name, 0) + value
+        _add(summed, each)
     return {name: value for name, value in sorted(summed.items()) if value}
 
 

@@ -163,6 +163,12 @@ class _Connection(asyncio.Protocol):
             self._watchdog.cancel()
             self._watchdog = None
 
+    def close(self) -> None:
+        """Closed on purpose: no sign that the server lost anything."""
+        self._lost = None
+        if self.transport is not None:
+            self.transport.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._drop(ConnectionLost(f"connection lost: {exc}" if exc else "connection closed"))
@@ -224,11 +230,8 @@ class _Server:
     def close(self) -> None:
         if self._opening is not None:
             self._opening.cancel()
-        connection = self._connection
-        if connection is not None:
-            connection._lost = None
-            if connection.transport is not None:
-                connection.transport.close()
+        if self._connection is not None:
+            self._connection.close()
         self._connection = None
 
 
@@ -241,18 +244,12 @@ class MemcacheClient:
     places (docs/STORAGE.md).
     """
 
-    def __init__(
-        self,
-        servers: Sequence[str],
-        timeout: float,
-        lost: Callable[[_Server], None] = lambda server: None,
-    ) -> None:
-        """`lost(server)` is called when a server closes its connection (see _Connection)."""
+    def __init__(self, servers: Sequence[str], timeout: float) -> None:
         self._servers = {
-            server: _Server(server, _address(server), timeout, lambda s: self._on_lost(s))
-            for server in servers
+            server: _Server(server, _address(server), timeout, self._on_lost) for server in servers
         }
-        self.lost = lost
+        # Called with the server when it closes its connection (see _Connection).
+        self.lost: Callable[[_Server], None] = lambda server: None
         self._ring = RendezvousHash(list(self._servers))
         self._only = next(iter(self._servers.values())) if len(self._servers) == 1 else None
         self._placed: dict[str, _Server] = {}
