@@ -11,7 +11,7 @@ __version__ = re.search(
 setup(
     name="simplepush",
     version=__version__,
-    description="A SimplePush server: devices hold a WebSocket, app servers PUT versions.",
+    description="A push server: SimplePush and WebPush devices over one WebSocket protocol.",
     packages=find_packages(exclude=["tests", "tests.*"]),
     # The dashboard's page, script and style are served from the installed package.
     package_data={"simplepush": ["dashboard/*.html", "dashboard/*.js", "dashboard/*.css"]},
@@ -22,6 +22,8 @@ setup(
         "pymemcache>=4,<5",
         "statsd>=4,<5",
         "python-json-logger>=3.1,<5",
+        # VAPID (RFC 8292): ES256 JWTs verified by PyJWT over cryptography.
+        "PyJWT>=2.8,<3",
     ],
     extras_require={
         "dev": [
@@ -31,6 +33,8 @@ setup(
             "ruff>=0.6",
             "websocket-client>=1.6",
             "selenium>=4.10",
+            # A real WebPush sender (brings py-vapid and http_ece) for the WebPush tests.
+            "pywebpush>=2,<3",
         ],
     },
     entry_points={

@@ -43,6 +43,7 @@ class ServerSettings:
     idle_timeout: float = 60.0
     body_timeout: float = 10.0
     min_ping_interval: float = 0.0
+    max_queued: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +208,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str], object]]] = {
         "idle_timeout": _timeout_up_to(86400),
         "body_timeout": _timeout_up_to(3600),
         "min_ping_interval": _seconds,
+        "max_queued": _integer(1, 10_000),
     },
     "storage": {
         "backend": _choice("memory", "memcached"),

@@ -27,6 +27,7 @@ class Answer:
     status: int
     body: bytes
     retry_after: bool = False
+    headers: tuple[tuple[str, str], ...] = ()  # more response headers (WebPush: Location, TTL)
 
 
 DELIVERED = Answer(200, b"{}")

@@ -1,7 +1,8 @@
 """The internal listener: other nodes asking this one to act on its own sockets.
 
-    PUT    /push/<uaid>                  {"channelID", "version", "data"}: write
-                                         it to the device's socket (200) or 404
+    PUT    /push/<uaid>                  {"channelID", "version", "data"} (SimplePush) or a
+                                         WebPush message's fields ("id", ...): write it to
+                                         the device's socket (200) or 404
     DELETE /notif/<uaid>/<connected_at>  close that socket if it is not newer
     GET    /stats?since=<t>              this worker's dashboard samples after second t,
                                          for the worker serving the admin listener
@@ -28,6 +29,7 @@ from simplepush.logs import event
 from simplepush.node import Node
 from simplepush.registry import SUPERSEDED
 from simplepush.updates import Update
+from simplepush.webpush import Message
 
 MAX_HEAD = 8192
 MAX_BODY = 64 * 1024
@@ -100,16 +102,11 @@ class InternalConnection(asyncio.Protocol):
     def _push(self, uaid: str, body: bytes) -> tuple[int, bytes]:
         node = self._node
         node.metrics.incr("updates.routed.incoming")
-        try:
-            fields = json.loads(body)
-            channel_id, version, data = fields["channelID"], fields["version"], fields.get("data")
-        except (ValueError, KeyError, TypeError):
-            channel_id = version = data = None
-        valid_data = data is None or type(data) is str
-        if type(channel_id) is not str or type(version) is not int or not valid_data:
+        item = _item(body)
+        if item is None:
             return 400, b'{"status":400,"error":"Bad Update"}'
         session = node.registry.get(uaid)
-        if session is not None and session.deliver(Update(channel_id, version, data)):
+        if session is not None and session.deliver(item):
             return 200, b"{}"
         if node.registry.arriving(uaid):
             return 202, _ARRIVING
@@ -141,6 +138,24 @@ class InternalConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+
+
+def _item(body: bytes) -> Update | Message | None:
+    """A routed SimplePush update or WebPush message, or None if malformed."""
+    try:
+        fields = json.loads(body)
+    except ValueError:
+        return None
+    if type(fields) is not dict:
+        return None
+    if "id" in fields:
+        return Message.from_fields(fields)
+    channel_id, version, data = fields.get("channelID"), fields.get("version"), fields.get("data")
+    if type(channel_id) is not str or type(version) is not int:
+        return None
+    if data is not None and type(data) is not str:
+        return None
+    return Update(channel_id, version, data)
 
 
 class _Request:

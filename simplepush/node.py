@@ -14,6 +14,7 @@ from simplepush.router import Router
 from simplepush.stats import Stats
 from simplepush.store import Store
 from simplepush.tokens import TokenCodec
+from simplepush.vapid import Verifier
 
 
 @dataclass(slots=True)
@@ -34,6 +35,8 @@ class Node:
     max_header_size: int
     body_timeout: float
     min_ping_interval: float
+    vapid: Verifier  # checks the VAPID headers of WebPush POSTs
+    max_queued: int  # undelivered WebPush messages per channel
     started_at: float = field(default_factory=time.time)
     # Identified sessions (those holding a UAID), kept here so /realstatus need not scan sockets.
     devices: int = 0
@@ -63,3 +66,8 @@ class Node:
 
     def endpoint(self, uaid: str, chid: str) -> str:
         return f"{self.endpoint_url}/update/{self.tokens.encode(uaid, chid)}"
+
+    def webpush_endpoint(self, uaid: str, chid: str, key_hash: bytes | None) -> str:
+        """v1 for a subscription without an application server key, v2 bound to one."""
+        token = self.tokens.encode_webpush(uaid, chid, key_hash)
+        return f"{self.endpoint_url}/wpush/{'v1' if key_hash is None else 'v2'}/{token}"

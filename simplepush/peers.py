@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from simplepush.httpclient import HttpConn, HttpError, HttpPool
 from simplepush.logs import event
 from simplepush.updates import Update
+from simplepush.webpush import Message
 
 # A peer that does not answer within this is treated as gone (PROTOCOL.md 6.3).
 TIMEOUT = 3.0
@@ -72,13 +73,15 @@ class Peers:
             return None
         return status
 
-    async def push(self, url: str, uaid: str, update: Update) -> int | None:
+    async def push(self, url: str, uaid: str, update: Update | Message) -> int | None:
         """The peer's answer: 200 written to the socket, 202 its hello's flush will send it,
         404 not connected there; None when it cannot be reached."""
-        body = json.dumps(
-            {"channelID": update.channel_id, "version": update.version, "data": update.data},
-            separators=(",", ":"),
-        ).encode("utf-8")
+        fields = (
+            update.fields()
+            if type(update) is Message
+            else {"channelID": update.channel_id, "version": update.version, "data": update.data}
+        )
+        body = json.dumps(fields, separators=(",", ":")).encode("utf-8")
         return await self._request(url, b"PUT", f"/push/{uaid}", body)
 
     async def kick(self, url: str, uaid: str, connected_at: float) -> None:

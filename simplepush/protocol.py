@@ -1,9 +1,11 @@
-"""The SimplePush WebSocket protocol without I/O.
+"""The device WebSocket protocol, SimplePush and WebPush, without I/O.
 
 `parse` turns one text frame into a typed message or a rejection; the
 builders turn outcomes into reply frames. Nothing here touches sockets,
-storage or the clock, so every rule of PROTOCOL.md sections 2-3 can be
-tested as a plain function (the style of h11).
+storage or the clock, so every rule of PROTOCOL.md sections 2-3 and
+WEBPUSH.md section 1 can be tested as a plain function (the style of h11).
+A hello with `use_webpush: true` makes the session WebPush; the session
+passes its kind back to `parse` for every later frame.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from simplepush.updates import Update
+from simplepush.webpush import Message, is_dashed_channel_id
 
 PING_REPLY = "{}"
 
@@ -74,6 +77,7 @@ class Hello:
     key: str  # canonical form of uaid; "" for none
     channel_count: int
     wakeup: Wakeup | None
+    webpush: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -81,6 +85,7 @@ class Register:
     raw: dict[str, Any]
     channel_id: str
     key: str
+    app_key: str | None = None  # WebPush: the application server's key, as sent
 
 
 @dataclass(slots=True, frozen=True)
@@ -94,6 +99,21 @@ class Unregister:
 class Ack:
     acks: tuple[tuple[str, int], ...]  # (channel key, version)
     raw: dict[str, Any] = field(default_factory=dict, compare=False)  # echoed in an error
+
+
+@dataclass(slots=True, frozen=True)
+class WebPushAck:
+    """Firefox acks each message once: 100 delivered, 101 decryption failed, 102 not delivered."""
+
+    acks: tuple[tuple[str, str, int], ...]  # (channel key, message id, code)
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(slots=True, frozen=True)
+class Nack:
+    """A service worker's push handler failed (codes 301-303): logged, never redelivered."""
+
+    code: int | None
 
 
 @dataclass(slots=True, frozen=True)
@@ -111,8 +131,8 @@ class Drop:
     reason: str
 
 
-Message = Ping | Ignored | Hello | Register | Unregister | Ack
-Outcome = Message | Reject | Drop
+Command = Ping | Ignored | Hello | Register | Unregister | Ack | WebPushAck | Nack
+Outcome = Command | Reject | Drop
 
 PING = Ping()
 
@@ -128,9 +148,11 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def parse(text: str, identified: bool) -> Outcome:
-    """Parse one text frame from a device that has (or has not) said hello."""
+def parse(text: str, identified: bool, webpush: bool = False) -> Outcome:
+    """Parse one text frame from a device that has (or has not) said hello, of either kind."""
     try:
+        if webpush:
+            return _parse_webpush(text)
         return _parse(text, identified)
     except RecursionError:
         # json decodes a little deeper than it encodes: an echo can overflow too.
@@ -166,8 +188,60 @@ def _parse(text: str, identified: bool) -> Outcome:
     return Reject(error_reply(obj, 401), close=True)
 
 
+def _parse_webpush(text: str) -> Outcome:
+    """A frame after a WebPush hello: nothing Firefox sends closes the socket (WEBPUSH.md 1.10).
+
+    Unknown or malformed commands are ignored; only frames that are not JSON
+    objects close, as in SimplePush.
+    """
+    try:
+        obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except ValueError:
+        return Drop("invalid JSON")
+    if type(obj) is not dict:
+        return Drop("frame is not a JSON object")
+    if not obj:
+        return PING
+    mtype = obj.get("messageType")
+    if type(mtype) is not str:
+        return Ignored("invalid")
+    mtype = mtype.lower()
+    if mtype == "ack":
+        return _parse_webpush_ack(obj)
+    if mtype == "ping":
+        return PING
+    if mtype == "hello":
+        return _parse_hello(obj)
+    if mtype == "nack":
+        code = obj.get("code")
+        return Nack(code if type(code) is int else None)
+    if mtype in ("register", "unregister"):
+        return _parse_channel_command(obj, mtype, webpush=True)
+    return Ignored(mtype if mtype.isascii() and len(mtype) <= 32 else "unknown")
+
+
+def _parse_webpush_ack(obj: dict[str, Any]) -> WebPushAck:
+    """Keep the well-formed entries: a string version; a missing code counts as 100."""
+    updates = obj.get("updates")
+    acks: list[tuple[str, str, int]] = []
+    if type(updates) is list:
+        for item in updates:
+            if type(item) is not dict:
+                continue
+            channel_id, version, code = item.get("channelID"), item.get("version"), item.get("code")
+            if type(channel_id) is not str or type(version) is not str:
+                continue
+            key = uuid_key(channel_id)
+            if key is not None:
+                acks.append((key, version, code if type(code) is int else 100))
+    return WebPushAck(tuple(acks), obj)
+
+
 def _parse_hello(obj: dict[str, Any]) -> Outcome:
+    webpush = obj.get("use_webpush") is True
     channel_ids = obj.get("channelIDs")
+    if webpush and channel_ids is None:
+        channel_ids = []  # Firefox sends none: its channels are known to the server
     if type(channel_ids) is not list or any(type(c) is not str for c in channel_ids):
         return Reject(error_reply(obj, 401), close=True)
     uaid = obj.get("uaid")
@@ -179,8 +253,11 @@ def _parse_hello(obj: dict[str, Any]) -> Outcome:
     if uaid:
         key = uuid_key(uaid)
         if key is None:
-            return Reject(error_reply(obj, 503), close=True)
-    return Hello(obj, uaid, key, len(channel_ids), _parse_wakeup(obj))
+            if not webpush:
+                return Reject(error_reply(obj, 503), close=True)
+            # Firefox cannot be told to retry: it gets a new UAID (WEBPUSH.md 6.1).
+            uaid = key = ""
+    return Hello(obj, uaid, key, len(channel_ids), _parse_wakeup(obj), webpush)
 
 
 def _parse_wakeup(obj: dict[str, Any]) -> Wakeup | None:
@@ -217,7 +294,7 @@ def _is_numeric(value: object) -> bool:
     return type(value) is str and value.isascii() and value.isdigit()
 
 
-def _parse_channel_command(obj: dict[str, Any], mtype: str) -> Outcome:
+def _parse_channel_command(obj: dict[str, Any], mtype: str, webpush: bool = False) -> Outcome:
     channel_id = obj.get("channelID")
     if type(channel_id) is not str or not channel_id:
         return Reject(error_reply(obj, 401), close=False)
@@ -226,7 +303,15 @@ def _parse_channel_command(obj: dict[str, Any], mtype: str) -> Outcome:
         return Unregister(obj, channel_id, key)
     if key is None:
         return Reject(error_reply(obj, 401), close=False)
-    return Register(obj, channel_id, key)
+    if not webpush:
+        return Register(obj, channel_id, key)
+    if not is_dashed_channel_id(channel_id):
+        # Firefox requires the dashed lowercase form in notifications: only that is accepted.
+        return Reject(error_reply(obj, 401), close=False)
+    app_key = obj.get("key")
+    if app_key is not None and (type(app_key) is not str or not app_key):
+        return Reject(error_reply(obj, 401, "Invalid Key"), close=False)
+    return Register(obj, channel_id, key, app_key)
 
 
 def _parse_ack(obj: dict[str, Any]) -> Ack:
@@ -250,18 +335,29 @@ def _dump(obj: dict[str, Any]) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
-def error_reply(request: dict[str, Any], status: int) -> str:
+def error_reply(request: dict[str, Any], status: int, error: str | None = None) -> str:
     """Echo the device's object with `status` and `error` (DESIGN.md 2.3)."""
     reply = dict(request)
     mtype = reply.get("messageType")
     if type(mtype) is str:
         reply["messageType"] = mtype.lower()
     reply["status"] = status
-    reply["error"] = ERROR_TEXTS[status]
+    reply["error"] = error or ERROR_TEXTS[status]
     return _dump(reply)
 
 
-def hello_reply(uaid: str) -> str:
+def hello_reply(uaid: str, webpush: bool = False) -> str:
+    if webpush:
+        # Firefox turns data on from use_webpush; broadcasts: none served (WEBPUSH.md 7.6).
+        return _dump(
+            {
+                "messageType": "hello",
+                "uaid": uaid,
+                "status": 200,
+                "use_webpush": True,
+                "broadcasts": {},
+            }
+        )
     return _dump({"messageType": "hello", "uaid": uaid, "status": 200})
 
 
@@ -279,6 +375,20 @@ def register_reply(channel_id: str, uaid: str, endpoint: str) -> str:
 
 def unregister_reply(channel_id: str) -> str:
     return _dump({"messageType": "unregister", "channelID": channel_id, "status": 200})
+
+
+def webpush_notification(message: Message) -> str:
+    """One message per frame; `data` and `headers` only when the POST had a body."""
+    frame: dict[str, Any] = {
+        "messageType": "notification",
+        "channelID": message.channel_id,
+        "version": message.id,
+        "ttl": message.ttl,
+    }
+    if message.data is not None:
+        frame["data"] = message.data
+        frame["headers"] = message.headers
+    return _dump(frame)
 
 
 def notification(updates: Iterable[Update]) -> str:

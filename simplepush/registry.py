@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from simplepush.updates import Update
+from simplepush.webpush import Message
 
 
 class Live(Protocol):
@@ -19,7 +20,7 @@ class Live(Protocol):
     def close(self, code: int, reason: str) -> None:
         """Close the device's socket."""
 
-    def deliver(self, update: Update) -> bool:
+    def deliver(self, update: Update | Message) -> bool:
         """Write one live notification; False when the socket is gone."""
 
 

@@ -19,7 +19,9 @@ from simplepush.logs import event
 from simplepush.metrics import Metrics
 from simplepush.peers import Peers
 from simplepush.registry import Registry
-from simplepush.store import Holder, Store, StoreError
+from simplepush.store import Enqueued, Holder, Store, StoreError
+from simplepush.updates import Update
+from simplepush.webpush import Message
 
 
 class Delivery(enum.Enum):
@@ -29,6 +31,8 @@ class Delivery(enum.Enum):
     DELIVERED = "delivered"  # written to a socket on this node
     ROUTED = "routed"  # written to a socket on another node
     STORED = "stored"
+    DISCARDED = "discarded"  # WebPush TTL 0 with no socket to take it now
+    FULL = "full"  # WebPush: the channel's queue is at max_queued
 
 
 class Router:
@@ -48,17 +52,33 @@ class Router:
         if result is None:
             return Delivery.UNKNOWN_CHANNEL
         update, holder = result
+        return await self._send(uaid, update, holder)
+
+    async def push(self, uaid: str, chid: str, message: Message, max_queued: int) -> Delivery:
+        """A WebPush message: queued first when its TTL allows, then sent like an update."""
+        enqueued, holder = await self._store.enqueue(uaid, chid, message, max_queued)
+        if enqueued is Enqueued.UNKNOWN:
+            return Delivery.UNKNOWN_CHANNEL
+        if enqueued is Enqueued.FULL:
+            return Delivery.FULL
+        delivery = await self._send(uaid, message, holder)
+        if delivery is Delivery.STORED and message.ttl == 0:
+            return Delivery.DISCARDED
+        return delivery
+
+    async def _send(self, uaid: str, item: Update | Message, holder: Holder | None) -> Delivery:
+        """Write a stored item to the device's socket, here or on the holding node."""
         if holder is None:
             return Delivery.STORED
         if holder.node == self.url:
             session = self._registry.get(uaid)
-            if session is not None and session.deliver(update):
+            if session is not None and session.deliver(item):
                 return Delivery.DELIVERED
             if self._registry.arriving(uaid):
                 return Delivery.STORED  # the flush after its hello sends it; keep the holder
         else:
             self._metrics.incr("updates.routed.outgoing")
-            answer = await self._peers.push(holder.node, uaid, update)
+            answer = await self._peers.push(holder.node, uaid, item)
             if answer == 200:
                 return Delivery.ROUTED
             if answer == 202:

@@ -8,6 +8,7 @@ import errno
 import logging
 import resource
 import signal
+from urllib.parse import urlsplit
 
 from tornado.httpserver import HTTPServer
 from tornado.httputil import HTTPServerConnectionDelegate
@@ -37,6 +38,7 @@ from simplepush.store.memcached import MemcachedStore
 from simplepush.store.memory import MemoryStore
 from simplepush.supervisor import supervise
 from simplepush.tokens import TokenCodec, generate_key
+from simplepush.vapid import Verifier
 from simplepush.web import make_app
 
 GOING_AWAY = (1001, "server shutting down")
@@ -94,6 +96,17 @@ def node_url(settings: Settings, index: int) -> str:
     return f"http://{server.router_host}:{server.router_port + index}"
 
 
+def origin(url: str) -> str:
+    """scheme://host[:port] with the default port left out: what VAPID's `aud` must be."""
+    parts = urlsplit(url)
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    return f"{parts.scheme}://{host}" + ("" if port in (None, default) else f":{port}")
+
+
 def build_node(settings: Settings, index: int = 0) -> Node:
     server = settings.server
     keys = list(server.token_key)
@@ -123,6 +136,8 @@ def build_node(settings: Settings, index: int = 0) -> Node:
         max_header_size=server.max_header_size,
         body_timeout=server.body_timeout,
         min_ping_interval=server.min_ping_interval,
+        vapid=Verifier(origin(server.endpoint_url)),
+        max_queued=server.max_queued,
     )
     store.watch_losses(node.records_lost)
     return node

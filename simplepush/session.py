@@ -1,8 +1,10 @@
 """One device's conversation: the state machine between frames and the store.
 
 A session starts unidentified, becomes identified by hello, and from then
-on owns its UAID in the node's registry. It sees the Store interface and
-the registry only; the socket is a Transport it writes to and closes.
+on owns its UAID in the node's registry. Its hello fixes its kind:
+SimplePush (versions per channel) or WebPush (a queue of messages, each
+acked by id). It sees the Store interface and the registry only; the
+socket is a Transport it writes to and closes.
 """
 
 from __future__ import annotations
@@ -15,10 +17,23 @@ from typing import Any, Protocol
 from simplepush import protocol
 from simplepush.logs import event, log
 from simplepush.node import Node
-from simplepush.protocol import Ack, Drop, Hello, Ping, Register, Reject, Unregister
+from simplepush.protocol import (
+    Ack,
+    Drop,
+    Hello,
+    Ignored,
+    Nack,
+    Ping,
+    Register,
+    Reject,
+    Unregister,
+    WebPushAck,
+)
 from simplepush.registry import SUPERSEDED
-from simplepush.store import Holder, StoreError
+from simplepush.store import Holder, StoreError, WrongUAID
 from simplepush.updates import Update
+from simplepush.vapid import key_hash
+from simplepush.webpush import Message
 from simplepush.wsframes import (
     INVALID_PAYLOAD,
     POLICY_VIOLATION,
@@ -39,16 +54,24 @@ def new_uaid() -> str:
     return uuid.uuid4().hex
 
 
+# WebPush messages a flush sends before it waits for acks: what waits beyond it follows as
+# acks come in, so a long queue never fills the socket's write buffer (connection.py).
+FLUSH_WINDOW = 64
+
+
 class Session:
     __slots__ = (
         "_last_ping",
+        "_more",
         "_node",
         "_sent",
         "_transport",
+        "_unacked",
         "closed",
         "connected_at",
         "key",
         "uaid",
+        "webpush",
     )
 
     def __init__(self, node: Node, transport: Transport, connected_at: float) -> None:
@@ -62,13 +85,20 @@ class Session:
         # Versions written from the hello's flush on, by channel, until the device's first
         # ack: an update both stored before the flush read it and routed live goes out once.
         self._sent: dict[str, int] | None = None
+        self.webpush = False
+        # WebPush: ids of stored messages written since hello and not acked (never twice), and
+        # whether the flush left some for later (FLUSH_WINDOW).
+        self._unacked: set[str] = set()
+        self._more = False
 
     async def receive(self, text: str) -> None:
         """Handle one text frame; storage trouble becomes a 503 and a close."""
-        outcome = protocol.parse(text, self.key is not None)
+        outcome = protocol.parse(text, self.key is not None, self.webpush)
         kind = type(outcome)
         try:
-            if kind is Ack:
+            if kind is WebPushAck:
+                await self._webpush_ack(outcome)
+            elif kind is Ack:
                 await self._ack(outcome)
             elif kind is Ping:
                 self._ping()
@@ -80,6 +110,12 @@ class Session:
                 await self._unregister(outcome)
             elif kind is Reject:
                 self._reject(outcome)
+            elif kind is Nack:
+                self._node.metrics.incr("updates.client.nack")
+                event(logging.INFO, "websocket.nack", code=outcome.code)
+            elif kind is Ignored:
+                if self.webpush and log.isEnabledFor(logging.DEBUG):
+                    event(logging.DEBUG, "websocket.ignored", messageType=outcome.message_type)
             elif kind is Drop:
                 event(logging.INFO, "websocket.dropped", reason=outcome.reason)
                 self.close(INVALID_PAYLOAD, outcome.reason)
@@ -114,9 +150,10 @@ class Session:
 
     async def _hello(self, hello: Hello) -> None:
         node = self._node
+        webpush = hello.webpush
         if self.key is not None:
-            if hello.key in ("", self.key):
-                self._transport.send(protocol.hello_reply(self.uaid))
+            if hello.key in ("", self.key) and webpush == self.webpush:
+                self._transport.send(protocol.hello_reply(self.uaid, webpush))
                 await self._flush()
             else:
                 self._reject(Reject(protocol.error_reply(hello.raw, 503), close=True))
@@ -134,31 +171,56 @@ class Session:
             key = uaid = new_uaid()
             outcome = "reset"
         holder = Holder(node.router.url, self.connected_at)
-        node.registry.arrive(key, self)
+        registry = node.registry
+        registry.arrive(key, self)
         try:
-            other = await store.hello(key, hello.wakeup, holder)
+            # A WebPush UAID is echoed only if the server knows it: Firefox keeps its
+            # subscriptions exactly when it gets its own UAID back (WEBPUSH.md 1.3).
+            create = outcome != "known" or not webpush
+            other = await store.hello(key, hello.wakeup, holder, webpush, create)
+        except WrongUAID:
+            # Unknown, or of the other kind: start over under a new UAID (WEBPUSH.md 7.8).
+            registry.arrived(key, self)
+            await store.drop(key)
+            key = uaid = new_uaid()
+            outcome = "reset"
+            registry.arrive(key, self)
+            other = await store.hello(key, hello.wakeup, holder, webpush)
         finally:
-            node.registry.arrived(key, self)
+            registry.arrived(key, self)
         if self.closed:
             await store.release(key, holder)
             return
         newer = other is not None and other.connected_at > self.connected_at
-        if newer or not node.registry.claim(key, self):
+        if newer or not registry.claim(key, self):
             self.close(*SUPERSEDED)
             return
         if other is not None:
             node.router.displaced(key, other)
-        self.key, self.uaid = key, uaid
+        self.key, self.uaid, self.webpush = key, uaid, webpush
         node.devices += 1
         node.metrics.incr("updates.client.hello")
-        event(logging.INFO, "websocket.hello", uaid_state=outcome, channels=hello.channel_count)
+        event(
+            logging.INFO,
+            "websocket.hello",
+            uaid_state=outcome,
+            channels=hello.channel_count,
+            webpush=webpush,
+        )
         # The UAID names a device: it goes only into debug logs.
         event(logging.DEBUG, "websocket.identified", uaid=uaid, uaid_state=outcome)
-        self._transport.send(protocol.hello_reply(uaid))
+        self._transport.send(protocol.hello_reply(uaid, webpush))
         await self._flush()
 
     async def _register(self, register: Register) -> None:
         node = self._node
+        bound = None
+        if register.app_key is not None:
+            bound = key_hash(register.app_key)
+            if bound is None:
+                event(logging.INFO, "websocket.bad_key", channelID=register.channel_id)
+                self._transport.send(protocol.error_reply(register.raw, 401, "Invalid Key"))
+                return
         registered = await node.store.register(
             self.key, register.key, register.channel_id, node.max_channels
         )
@@ -175,7 +237,10 @@ class Session:
             self._transport.send(protocol.error_reply(register.raw, 413))
             return
         node.metrics.incr("updates.client.register")
-        endpoint = node.endpoint(self.key, register.key)
+        if self.webpush:
+            endpoint = node.webpush_endpoint(self.key, register.key, bound)
+        else:
+            endpoint = node.endpoint(self.key, register.key)
         self._transport.send(protocol.register_reply(register.channel_id, self.uaid, endpoint))
 
     async def _unregister(self, unregister: Unregister) -> None:
@@ -210,6 +275,45 @@ class Session:
                 resent=len(remaining),
             )
 
+    async def _webpush_ack(self, ack: WebPushAck) -> None:
+        """Every code removes the message: a retry would fail again (WEBPUSH.md 1.6)."""
+        node = self._node
+        node.metrics.incr("updates.client.ack")
+        unacked = self._unacked
+        removals = []
+        for chid, mid, code in ack.acks:
+            unacked.discard(mid)
+            removals.append((chid, mid))
+            if code != 100:
+                node.metrics.incr("updates.client.ack.undelivered")
+                event(logging.INFO, "websocket.ack_undelivered", code=code)
+        if removals:
+            await node.store.remove(self.key, removals)
+        if log.isEnabledFor(logging.DEBUG):
+            event(logging.DEBUG, "websocket.ack", uaid=self.uaid, acked=len(removals))
+        if self._more and len(unacked) <= FLUSH_WINDOW // 2:
+            await self._flush()
+
+    async def _flush_messages(self) -> int:
+        """Send the queued WebPush messages not yet on the wire, up to FLUSH_WINDOW unacked."""
+        unacked = self._unacked
+        fresh = [m for m in await self._node.store.messages(self.key) if m.id not in unacked]
+        batch = fresh[: max(FLUSH_WINDOW - len(unacked), 0)]
+        self._more = len(fresh) > len(batch)
+        for message in batch:
+            self._send_message(message)
+        return len(batch)
+
+    def _send_message(self, message: Message) -> bool:
+        if not self._transport.send(protocol.webpush_notification(message)):
+            return False
+        if message.ttl > 0:
+            self._unacked.add(message.id)
+        self._node.metrics.incr("updates.sent")
+        if log.isEnabledFor(logging.DEBUG):
+            event(logging.DEBUG, "websocket.notification", uaid=self.uaid, updates=1)
+        return True
+
     async def _flush(self) -> None:
         """Send what was stored while the device was away; `client.flush` times it.
 
@@ -218,6 +322,13 @@ class Session:
         """
         metrics = self._node.metrics
         start = time.monotonic() if metrics.enabled else 0.0
+        if self.webpush:
+            sent = await self._flush_messages()
+            if metrics.enabled:
+                metrics.timing("client.flush", (time.monotonic() - start) * 1000)
+            if sent:
+                event(logging.DEBUG, "websocket.flush", uaid=self.uaid, updates=sent)
+            return
         self._sent = sent = {}
         pending = await self._node.store.pending(self.key)
         pending = [u for u in pending if sent.get(u.channel_id, -1) < u.version]
@@ -236,8 +347,12 @@ class Session:
             if log.isEnabledFor(logging.DEBUG):
                 event(logging.DEBUG, "websocket.notification", uaid=self.uaid, updates=len(updates))
 
-    def deliver(self, update: Update) -> bool:
-        """A live update from the router; False if the socket is gone."""
+    def deliver(self, update: Update | Message) -> bool:
+        """A live update or message from the router; False if the socket is gone."""
+        if type(update) is Message:
+            if update.id in self._unacked or not self.webpush:
+                return not self.closed  # written already (or not for this kind of session)
+            return not self.closed and self._send_message(update)
         sent = self._sent
         if sent is not None and sent.get(update.channel_id, -1) >= update.version:
             return not self.closed  # written already, by the flush or live

@@ -27,7 +27,7 @@ from tornado.httputil import (
 from tornado.iostream import SSLIOStream
 from tornado.web import Application, HTTPError, RequestHandler
 
-from simplepush import __version__, endpoint, logs
+from simplepush import __version__, endpoint, logs, webpush_endpoint
 from simplepush.connection import DeviceConnection
 from simplepush.logs import event
 from simplepush.node import Node
@@ -133,6 +133,18 @@ class UpdateHandler(JSONHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         if status_code == 405:
             self.set_header("Allow", "PUT, OPTIONS")
+        super().write_error(status_code, **kwargs)
+
+
+class WebPushHandler(JSONHandler):
+    """Every method on /wpush/ and /m/ but the POST and DELETE that UpdateRequest serves."""
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        if status_code == 405:
+            allowed = "POST" if self.request.path.startswith("/wpush/") else "DELETE"
+            self.set_header("Allow", allowed)
+            self.finish(webpush_endpoint.error(405, 999, f"Use {allowed}").body)
+            return
         super().write_error(status_code, **kwargs)
 
 
@@ -272,22 +284,55 @@ def _http_date() -> str:
 def _write_answer(
     connection: HTTPConnection, status: int, body: bytes, extra: dict[str, str]
 ) -> None:
-    """A whole JSON answer in one write."""
-    headers = HTTPHeaders({"Content-Type": "application/json", "Content-Length": str(len(body))})
+    """A whole JSON answer (or an empty one) in one write."""
+    if body:
+        headers = HTTPHeaders(
+            {"Content-Type": "application/json", "Content-Length": str(len(body))}
+        )
+    else:
+        headers = HTTPHeaders({} if status == 204 else {"Content-Length": "0"})
     headers.update(extra)
     connection.write_headers(
         ResponseStartLine("HTTP/1.1", status, responses[status]), headers, body
     )
 
 
-class UpdateRequest(HTTPMessageDelegate):
-    """PUT /update/<token> on Tornado's HTTP/1.1 connection, answered by endpoint.update."""
+# Answers one hot request from its path, headers and body (endpoint.py, webpush_endpoint.py).
+Respond = Callable[[Node, str, HTTPHeaders, bytes], Awaitable[endpoint.Answer]]
 
-    def __init__(self, node: Node, connection: HTTPConnection) -> None:
+
+async def _put(node: Node, path: str, headers: HTTPHeaders, body: bytes) -> endpoint.Answer:
+    path, _, query = path.partition("?")
+    token = path[len(UPDATE_PREFIX) :]
+    return await endpoint.update(node, token, headers.get("Content-Type"), body, query)
+
+
+async def _post(node: Node, path: str, headers: HTTPHeaders, body: bytes) -> endpoint.Answer:
+    return await webpush_endpoint.post(node, path.partition("?")[0], headers.get, body)
+
+
+async def _delete(node: Node, path: str, headers: HTTPHeaders, body: bytes) -> endpoint.Answer:
+    return await webpush_endpoint.cancel(node, path.partition("?")[0])
+
+
+class UpdateRequest(HTTPMessageDelegate):
+    """An app server's PUT, POST or DELETE on Tornado's HTTP/1.1 connection, answered by
+    `respond`; `label` names the route in logs without the token."""
+
+    def __init__(
+        self,
+        node: Node,
+        connection: HTTPConnection,
+        respond: Respond = _put,
+        label: str = UPDATE_PREFIX,
+    ) -> None:
         self._node = node
         self._connection = connection
+        self._handler = respond
+        self._label = label
+        self._method = ""
         self._path = ""
-        self._content_type: str | None = None
+        self._headers = HTTPHeaders()
         self._chunks: list[bytes] = []
         self._size = 0
         self._refused = False
@@ -301,8 +346,9 @@ class UpdateRequest(HTTPMessageDelegate):
         assert isinstance(start_line, RequestStartLine)
         self._node.puts_in_flight += 1
         self._counted = True
+        self._method = start_line.method
         self._path = start_line.path
-        self._content_type = headers.get("Content-Type")
+        self._headers = headers
         length = headers.get("Content-Length", "")
         if length.isdigit() and int(length) > self._node.max_body_size:
             self._refuse()
@@ -351,14 +397,9 @@ class UpdateRequest(HTTPMessageDelegate):
 
     async def _answer(self) -> None:
         start = time.monotonic()
-        path, _, query = self._path.partition("?")
         try:
-            answer = await endpoint.update(
-                self._node,
-                path[len(UPDATE_PREFIX) :],
-                self._content_type,
-                b"".join(self._chunks),
-                query,
+            answer = await self._handler(
+                self._node, self._path, self._headers, b"".join(self._chunks)
             )
         except Exception:
             logs.exception("update.error")
@@ -369,13 +410,14 @@ class UpdateRequest(HTTPMessageDelegate):
         extra = {"Access-Control-Allow-Origin": "*", "Date": _http_date()}
         if answer.retry_after:
             extra["Retry-After"] = endpoint.RETRY_AFTER
+        extra.update(answer.headers)
         _write_answer(self._connection, answer.status, answer.body, extra)
         self._connection.finish()
         event(
             logging.WARNING if answer.status >= 500 else logging.DEBUG,
             "http.request",
-            method="PUT",
-            path=UPDATE_PREFIX,
+            method=self._method,
+            path=self._label,
             status=answer.status,
             duration_ms=round((time.monotonic() - start) * 1000, 3),
         )
@@ -434,6 +476,7 @@ def make_app(node: Node) -> FrontDoor:
     app = Application(
         [
             (r"/update/(.*)", UpdateHandler),
+            (r"/(?:wpush|m)/(.*)", WebPushHandler),
             (r"/status/?", StatusHandler, args),
             (r"/realstatus/?", RealStatusHandler, args),
             (r".*", DeviceSocket, args),
@@ -442,8 +485,13 @@ def make_app(node: Node) -> FrontDoor:
     )
 
     def fast(line: RequestStartLine, connection: HTTPConnection) -> HTTPMessageDelegate | None:
-        if line.method == "PUT" and line.path.startswith(UPDATE_PREFIX):
+        method, path = line.method, line.path
+        if method == "PUT" and path.startswith(UPDATE_PREFIX):
             return UpdateRequest(node, connection)
+        if method == "POST" and path.startswith(webpush_endpoint.POST_PREFIX):
+            return UpdateRequest(node, connection, _post, webpush_endpoint.POST_PREFIX)
+        if method == "DELETE" and path.startswith(webpush_endpoint.MESSAGE_PREFIX):
+            return UpdateRequest(node, connection, _delete, webpush_endpoint.MESSAGE_PREFIX)
         return None
 
     return FrontDoor(app, fast, node.max_header_size, node.body_timeout)

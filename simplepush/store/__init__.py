@@ -1,9 +1,11 @@
 """The storage interface that sessions and the router see.
 
-Every backend keeps, per UAID, the set of registered channels and at most
-one pending update per channel (the highest version while un-acked). The
-interface is async so that a networked backend drops in without touching
-sessions or handlers.
+Every backend keeps, per UAID, its kind (SimplePush or WebPush), the set of
+registered channels, and what waits for the device: for SimplePush at most
+one pending update per channel (the highest version while un-acked), for
+WebPush a queue of messages in the order they were accepted. The interface
+is async so that a networked backend drops in without touching sessions or
+handlers.
 """
 
 from __future__ import annotations
@@ -11,13 +13,30 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 from simplepush.protocol import Wakeup
 from simplepush.updates import Update
+from simplepush.webpush import Message
 
 
 class StoreError(Exception):
     """The backend cannot answer now; callers answer 503 and lose nothing."""
+
+
+class WrongUAID(Exception):
+    """hello: the record is of the other kind, or absent where it must exist.
+
+    The session then starts the device over with a new UAID (WEBPUSH.md 7.8).
+    """
+
+
+class Enqueued(Enum):
+    """What became of a WebPush message offered to the store."""
+
+    ACCEPTED = "accepted"  # stored (TTL > 0), or TTL 0 and the channel exists
+    UNKNOWN = "unknown"  # no such WebPush UAID or channel
+    FULL = "full"  # max_queued messages already wait on the channel
 
 
 @dataclass(slots=True, frozen=True)
@@ -34,12 +53,21 @@ class Store(ABC):
         """Whether the server can vouch for this UAID's registrations."""
 
     @abstractmethod
-    async def hello(self, uaid: str, wakeup: Wakeup | None, holder: Holder) -> Holder | None:
+    async def hello(
+        self,
+        uaid: str,
+        wakeup: Wakeup | None,
+        holder: Holder,
+        webpush: bool = False,
+        create: bool = True,
+    ) -> Holder | None:
         """Create the UAID's record if absent, keep its wake-up details, record the holder.
 
         Returns the other connection involved, if any: one with a later
         connected_at keeps the record (this one must close), an earlier one
-        was displaced (its node must close it).
+        was displaced (its node must close it). Raises WrongUAID, writing
+        nothing, when the record is of the other kind, or absent and not to
+        be created.
         """
 
     @abstractmethod
@@ -60,7 +88,7 @@ class Store(ABC):
 
     @abstractmethod
     async def unregister(self, uaid: str, chid: str) -> None:
-        """Remove the channel and its pending update; unknown channels are fine."""
+        """Remove the channel and what waits on it; unknown channels are fine."""
 
     @abstractmethod
     async def update(
@@ -79,6 +107,30 @@ class Store(ABC):
     @abstractmethod
     async def ack(self, uaid: str, acks: Sequence[tuple[str, int]]) -> list[Update]:
         """Clear each pending entry that an acked version covers; return what is left."""
+
+    @abstractmethod
+    async def enqueue(
+        self, uaid: str, chid: str, message: Message, max_queued: int
+    ) -> tuple[Enqueued, Holder | None]:
+        """Queue a WebPush message (TTL 0: only check the channel) and say who holds the device.
+
+        A message with a topic replaces the undelivered one of the same topic
+        on the channel and takes the end of the queue; past max_queued
+        undelivered messages on the channel nothing is added (FULL).
+        """
+
+    @abstractmethod
+    async def messages(self, uaid: str) -> list[Message]:
+        """The UAID's unexpired WebPush messages, in the order they were accepted."""
+
+    @abstractmethod
+    async def remove(self, uaid: str, removals: Sequence[tuple[str, str]]) -> None:
+        """Delete each (chid, message id) queued; ids no longer queued are fine."""
+
+    @abstractmethod
+    async def sweep(self) -> int:
+        """Delete a bounded slice of expired messages; how many (backends that expire
+        on their own answer 0)."""
 
     @abstractmethod
     async def check(self) -> None:

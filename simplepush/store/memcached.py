@@ -21,9 +21,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from simplepush.protocol import Wakeup
-from simplepush.store import Holder, Store, StoreError
+from simplepush.store import Enqueued, Holder, Store, StoreError, WrongUAID
 from simplepush.store.memcache_client import MemcacheClient, MemcacheFailure
 from simplepush.updates import Update
+from simplepush.webpush import Message, dashed
 
 T = TypeVar("T")
 Record = dict[str, Any]
@@ -40,36 +41,50 @@ EMPTY_RECORD_TTL = 600
 # most `timeout` seconds in all.
 CAS_BACKOFF = 0.0005
 CAS_BACKOFF_CAP = 0.05
+# memcached's default largest item (-I 1m), less room for the record's header: a UAID's
+# queued WebPush messages all live in its one item, so past this a POST answers 429.
+MAX_RECORD = 1024 * 1024 - 4096
+# A queued WebPush message: [chid, id, ttl, expires_at, topic, headers, data]; data last.
+_Q_DATA = 6
 
 
 def _encode(record: Record) -> bytes:
-    """A JSON header, a newline, then each pending entry's data as raw UTF-8.
+    """A JSON header, a newline, then the data of each pending entry and queued message.
 
     Data stays out of the JSON so that escaping cannot inflate it: a record
     is at most its header plus the byte lengths of its data (docs/STORAGE.md).
     """
-    blobs = []
+    blobs: list[bytes] = []
     header = dict(record)
-    header["p"] = pending = {}
-    for chid, (version, data, stored_at) in record["p"].items():
-        if data is None:
-            pending[chid] = [version, None, stored_at]
-        else:
-            blob = data.encode("utf-8")
-            blobs.append(blob)
-            pending[chid] = [version, len(blob), stored_at]
+    header["p"] = {chid: _blob_out(entry, 1, blobs) for chid, entry in record["p"].items()}
+    if "q" in record:
+        header["q"] = [_blob_out(entry, _Q_DATA, blobs) for entry in record["q"]]
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False)
     return b"".join((text.encode("utf-8"), b"\n", *blobs))
+
+
+def _blob_out(entry: list[Any], index: int, blobs: list[bytes]) -> list[Any]:
+    """A copy of entry whose data (at index) is replaced by its byte length, kept in blobs."""
+    data = entry[index]
+    if data is None:
+        return entry
+    blob = data.encode("utf-8")
+    blobs.append(blob)
+    copy = list(entry)
+    copy[index] = len(blob)
+    return copy
 
 
 def _decode(value: bytes) -> Record:
     """JSON never holds a raw newline, so the first one ends the header."""
     offset = value.index(b"\n") + 1
     record = json.loads(value[: offset - 1])
-    for entry in record["p"].values():
-        size = entry[1]
+    entries = [(entry, 1) for entry in record["p"].values()]
+    entries += [(entry, _Q_DATA) for entry in record.get("q", ())]
+    for entry, index in entries:
+        size = entry[index]
         if size is not None:
-            entry[1] = value[offset : offset + size].decode("utf-8")
+            entry[index] = value[offset : offset + size].decode("utf-8")
             offset += size
     return record
 
@@ -77,6 +92,10 @@ def _decode(value: bytes) -> Record:
 def _holder(record: Record) -> Holder | None:
     held = record.get("h")
     return Holder(held[0], held[1]) if held is not None else None
+
+
+def _message(entry: list[Any]) -> Message:
+    return Message(dashed(entry[0]), *entry[1:])
 
 
 def _updates(record: Record) -> list[Update]:
@@ -127,7 +146,7 @@ class MemcachedStore(Store):
         said hello and left) is kept only briefly: anonymous hellos must not
         fill memcached and push real records out of its LRU.
         """
-        if not record["c"] and not record["p"] and "h" not in record:
+        if not record["c"] and not record["p"] and not record.get("q") and "h" not in record:
             return EMPTY_RECORD_TTL
         deadline = record["s"] + self._uaid_ttl
         remaining = math.ceil(deadline - time.time())
@@ -142,6 +161,9 @@ class MemcachedStore(Store):
         expired = [chid for chid, entry in pending.items() if now - entry[2] > self._pending_ttl]
         for chid in expired:
             del pending[chid]
+        queue = record.get("q")
+        if queue:
+            queue[:] = [entry for entry in queue if entry[3] > now]
         return record
 
     async def _read(self, key: str) -> Record | None:
@@ -186,10 +208,23 @@ class MemcachedStore(Store):
 
         return await self._call("known", KEY_PREFIX + uaid, job)
 
-    async def hello(self, uaid: str, wakeup: Wakeup | None, holder: Holder) -> Holder | None:
+    async def hello(
+        self,
+        uaid: str,
+        wakeup: Wakeup | None,
+        holder: Holder,
+        webpush: bool = False,
+        create: bool = True,
+    ) -> Holder | None:
         def change(record: Record | None, now: float) -> tuple[Record, Holder | None]:
             if record is None:
+                if not create:
+                    raise WrongUAID(uaid)
                 record = {"c": {}, "p": {}}
+                if webpush:
+                    record["q"] = []
+            elif ("q" in record) != webpush:
+                raise WrongUAID(uaid)
             record["s"] = int(now)
             if wakeup is None:
                 record.pop("w", None)
@@ -242,10 +277,16 @@ class MemcachedStore(Store):
 
     async def unregister(self, uaid: str, chid: str) -> None:
         def change(record: Record | None, now: float) -> tuple[Record | None, None]:
-            if record is None or (chid not in record["c"] and chid not in record["p"]):
+            if record is None:
+                return None, None
+            queue = record.get("q", [])
+            queued = any(entry[0] == chid for entry in queue)
+            if chid not in record["c"] and chid not in record["p"] and not queued:
                 return None, None
             record["c"].pop(chid, None)
             record["p"].pop(chid, None)
+            if queued:
+                record["q"] = [entry for entry in queue if entry[0] != chid]
             return record, None
 
         await self._change("unregister", uaid, change)
@@ -290,6 +331,74 @@ class MemcachedStore(Store):
             return (record if cleared else None), _updates(record)
 
         return await self._change("ack", uaid, change)
+
+    async def enqueue(
+        self, uaid: str, chid: str, message: Message, max_queued: int
+    ) -> tuple[Enqueued, Holder | None]:
+        if message.ttl == 0:
+
+            async def job(key: str) -> tuple[Enqueued, Holder | None]:
+                record = await self._read(key)
+                if record is None or "q" not in record or chid not in record["c"]:
+                    return Enqueued.UNKNOWN, None
+                return Enqueued.ACCEPTED, _holder(record)
+
+            return await self._call("enqueue", KEY_PREFIX + uaid, job)
+        entry = [
+            chid,
+            message.id,
+            message.ttl,
+            message.expires_at,
+            message.topic,
+            message.headers,
+            message.data,
+        ]
+        size = len(message.data or "") + 256
+
+        def change(
+            record: Record | None, now: float
+        ) -> tuple[Record | None, tuple[Enqueued, Holder | None]]:
+            if record is None or "q" not in record or chid not in record["c"]:
+                return None, (Enqueued.UNKNOWN, None)
+            queue = record["q"]
+            holder = _holder(record)
+            topic = message.topic
+            kept = [e for e in queue if e[0] != chid or topic is None or e[4] != topic]
+            queued = sum(1 for e in kept if e[0] == chid)
+            total = sum(len(e[_Q_DATA] or "") + 256 for e in kept)
+            if queued >= max_queued or total + size > MAX_RECORD:
+                return None, (Enqueued.FULL, holder)
+            kept.append(entry)
+            record["q"] = kept
+            return record, (Enqueued.ACCEPTED, holder)
+
+        return await self._change("enqueue", uaid, change)
+
+    async def messages(self, uaid: str) -> list[Message]:
+        async def job(key: str) -> list[Message]:
+            record = await self._read(key)
+            return [_message(e) for e in record.get("q", ())] if record is not None else []
+
+        return await self._call("messages", KEY_PREFIX + uaid, job)
+
+    async def remove(self, uaid: str, removals: Sequence[tuple[str, str]]) -> None:
+        doomed = set(removals)
+
+        def change(record: Record | None, now: float) -> tuple[Record | None, None]:
+            queue = record.get("q") if record is not None else None
+            if not queue:
+                return None, None
+            kept = [e for e in queue if (e[0], e[1]) not in doomed]
+            if len(kept) == len(queue):
+                return None, None
+            record["q"] = kept
+            return record, None
+
+        await self._change("remove", uaid, change)
+
+    async def sweep(self) -> int:
+        """memcached expires items itself, and every read drops expired messages."""
+        return 0
 
     async def check(self) -> None:
         """A real round trip to every server: set a short-lived random key and read it back."""
