@@ -8,10 +8,17 @@ keeps the bench's summary. Used for every figure in docs/PERFORMANCE.md:
     scripts/measure.py --runs 3 -- -n 10000 -p 2 --phases setup,closed -d 15
     scripts/measure.py --tree /tmp/old-checkout --runs 3 -- -n 10000 -p 2
     scripts/measure.py --logging off --statsd off --runs 3 -- -n 10000 -p 2
+    scripts/measure.py --protocol both --runs 3 -- -n 10000 -p 2 --phases setup,closed
 
 --tree runs another checkout's code (e.g. a `git worktree` of an older
 commit) with this machine's installed dependencies. With --statsd on (the
 default) a UDP sink on 127.0.0.1 receives the metrics, as a statsd would.
+
+--protocol webpush runs the bench with --webpush; --protocol both makes each
+run a pair, a SimplePush and a WebPush bench each against its own fresh server
+of the same tree, in alternating order (so drift of the machine falls on both
+sides), and prints the medians of each and the median of the pairs' ratios
+webpush / simplepush.
 """
 
 from __future__ import annotations
@@ -63,6 +70,18 @@ FIELDS = {
         "timeouts",
     ),
     "soak": ("devices_at_end", "sockets_dropped", "pings_unanswered", "protocol_errors"),
+}
+# Counts, not costs: a ratio of them means nothing (and is mostly 0 / 0).
+COUNTS = {
+    "devices_connected",
+    "setup_errors",
+    "errors",
+    "timeouts",
+    "stored",
+    "devices_at_end",
+    "sockets_dropped",
+    "pings_unanswered",
+    "protocol_errors",
 }
 
 
@@ -217,6 +236,37 @@ def one_run(args: argparse.Namespace, bench_args: list[str], statsd_port: int | 
                 memcached.wait()
 
 
+def tag(args: argparse.Namespace, mode: str) -> str:
+    """The mode in printed lines, left out when only SimplePush runs (the output as before)."""
+    return "" if args.protocol == "simplepush" else f" {mode}"
+
+
+def number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def ratios(runs: dict[str, list[dict[str, dict]]], name: str) -> dict[str, float]:
+    """Per cost field of phase ``name``: the median over runs of webpush / simplepush.
+
+    Each run's two benches ran back to back, so a ratio within a run cancels
+    what the machine did meanwhile better than a ratio of the two medians.
+    """
+    out = {}
+    for key in FIELDS.get(name, ()):
+        if key in COUNTS:
+            continue
+        pairs = [
+            web / simple
+            for sp, wp in zip(runs["simplepush"], runs["webpush"], strict=True)
+            if number(simple := sp.get(name, {}).get(key))
+            and number(web := wp.get(name, {}).get(key))
+            and simple
+        ]
+        if pairs:
+            out[key] = round(statistics.median(pairs), 3)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tree", default=str(REPO), help="source tree to run (default: this)")
@@ -240,28 +290,47 @@ def main() -> None:
         action="store_true",
         help="serve wss:// and https:// with a self-signed certificate made for each run",
     )
+    parser.add_argument(
+        "--protocol",
+        choices=["simplepush", "webpush", "both"],
+        default="simplepush",
+        help="what the bench speaks; both = each run is a SimplePush and a WebPush bench "
+        "(alternating which goes first) and the ratios webpush / simplepush are printed",
+    )
     parser.add_argument("--label", default="", help="name printed with the medians")
     parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="-- then bench options")
     args = parser.parse_args()
     bench_args = [a for a in args.bench_args if a != "--"]
+    if "--webpush" in bench_args:
+        parser.error("give --protocol webpush (or both) rather than the bench's --webpush")
+    modes = ["simplepush", "webpush"] if args.protocol == "both" else [args.protocol]
     statsd_port = statsd_sink()[0] if args.statsd == "on" else None
-    runs: list[dict[str, dict]] = []
+    runs: dict[str, list[dict[str, dict]]] = {mode: [] for mode in modes}
     for run in range(1, args.runs + 1):
-        phases = {
-            name: flatten(data)
-            for name, data in one_run(args, bench_args, statsd_port)["phases"].items()
-        }
-        runs.append(phases)
-        for name, data in phases.items():
-            picked = {key: data.get(key) for key in FIELDS.get(name, ())}
-            print(f"run {run} {name}: {json.dumps(picked)}", flush=True)
-    for name in runs[0]:
-        medians = {}
-        for key in FIELDS.get(name, ()):
-            values = [r[name][key] for r in runs if isinstance(r[name].get(key), (int, float))]
-            if values:
-                medians[key] = round(statistics.median(values), 3)
-        print(f"median {args.label} {name}: {json.dumps(medians)}", flush=True)
+        for mode in modes if run % 2 else modes[::-1]:
+            extra = ["--webpush"] if mode == "webpush" else []
+            phases = {
+                name: flatten(data)
+                for name, data in one_run(args, bench_args + extra, statsd_port)["phases"].items()
+            }
+            runs[mode].append(phases)
+            for name, data in phases.items():
+                picked = {key: data.get(key) for key in FIELDS.get(name, ())}
+                print(f"run {run}{tag(args, mode)} {name}: {json.dumps(picked)}", flush=True)
+    for mode in modes:
+        for name in runs[mode][0]:
+            medians = {}
+            for key in FIELDS.get(name, ()):
+                values = [v for r in runs[mode] if number(v := r.get(name, {}).get(key))]
+                if values:
+                    medians[key] = round(statistics.median(values), 3)
+            print(f"median {args.label}{tag(args, mode)} {name}: {json.dumps(medians)}", flush=True)
+    if args.protocol == "both":
+        for name in runs["simplepush"][0]:
+            print(
+                f"ratio {args.label} webpush/simplepush {name}: {json.dumps(ratios(runs, name))}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

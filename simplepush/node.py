@@ -12,7 +12,7 @@ from simplepush.metrics import Metrics
 from simplepush.registry import STORAGE_RESTARTED, Registry
 from simplepush.router import Router
 from simplepush.stats import Stats
-from simplepush.store import Store
+from simplepush.store import Store, StoreError
 from simplepush.tokens import TokenCodec
 from simplepush.vapid import Verifier
 
@@ -53,6 +53,16 @@ class Node:
         self.last_storage_error_at = time.time()
         event(level, "storage.error", op=op, error=text)
         return text
+
+    async def sweep(self) -> None:
+        """One bounded slice of expired WebPush messages; a failure waits for the next turn."""
+        try:
+            removed = await self.store.sweep()
+        except StoreError as exc:
+            self.storage_failed("sweep", exc, logging.WARNING)
+            return
+        if removed:
+            event(logging.DEBUG, "storage.swept", messages=removed)
 
     def records_lost(self, affected: Callable[[str], bool]) -> None:
         """A storage server went away and may come back empty (docs/STORAGE.md).

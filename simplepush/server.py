@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 from tornado.httpserver import HTTPServer
 from tornado.httputil import HTTPServerConnectionDelegate
+from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
 from simplepush import __version__, logs
@@ -48,6 +49,7 @@ LISTEN_BACKLOG = 4096
 FD_RESERVE = 100
 # Devices get their close frame at once; this bounds the wait for their answers.
 SHUTDOWN_GRACE = 3.0
+SWEEP_INTERVAL_MS = 1000
 
 
 def build_store(storage: StorageSettings) -> Store:
@@ -255,6 +257,9 @@ async def serve(
     http_server.add_sockets(public)
     secrets = router_secrets(list(settings.server.token_key))
     internal_servers = await serve_internal(node, secrets, internal)
+    # Expired WebPush messages go in slices, one a second, besides being skipped on read.
+    sweeper = PeriodicCallback(lambda: asyncio.ensure_future(node.sweep()), SWEEP_INTERVAL_MS)
+    sweeper.start()
     # Without a dashboard nobody reads samples, so no worker takes them.
     sampler = Sampler(node) if settings.admin.port else None
     if sampler is not None:
@@ -290,6 +295,7 @@ async def serve(
     if admin_server is not None and collector is not None:
         admin_server.stop()
         collector.stop()
+    sweeper.stop()
     if sampler is not None:
         sampler.stop()
     for internal_server in internal_servers:

@@ -57,6 +57,7 @@ def new_uaid() -> str:
 # WebPush messages a flush sends before it waits for acks: what waits beyond it follows as
 # acks come in, so a long queue never fills the socket's write buffer (connection.py).
 FLUSH_WINDOW = 64
+_NO_IDS: set[str] = frozenset()  # type: ignore[assignment]  # never written to
 
 
 class Session:
@@ -87,8 +88,9 @@ class Session:
         self._sent: dict[str, int] | None = None
         self.webpush = False
         # WebPush: ids of stored messages written since hello and not acked (never twice), and
-        # whether the flush left some for later (FLUSH_WINDOW).
-        self._unacked: set[str] = set()
+        # whether the flush left some for later (FLUSH_WINDOW). Made at a WebPush hello only:
+        # a SimplePush socket does not pay for the set.
+        self._unacked: set[str] = _NO_IDS
         self._more = False
 
     async def receive(self, text: str) -> None:
@@ -198,6 +200,8 @@ class Session:
         if other is not None:
             node.router.displaced(key, other)
         self.key, self.uaid, self.webpush = key, uaid, webpush
+        if webpush:
+            self._unacked = set()
         node.devices += 1
         node.metrics.incr("updates.client.hello")
         event(
@@ -350,7 +354,7 @@ class Session:
     def deliver(self, update: Update | Message) -> bool:
         """A live update or message from the router; False if the socket is gone."""
         if type(update) is Message:
-            if update.id in self._unacked or not self.webpush:
+            if not self.webpush or update.id in self._unacked:
                 return not self.closed  # written already (or not for this kind of session)
             return not self.closed and self._send_message(update)
         sent = self._sent

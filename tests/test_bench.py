@@ -23,14 +23,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from simplepush.bench.device import ACK, READY, Device, Shared, mask_frame
+from simplepush.bench.device import ACK, HELLO_WEBPUSH, READY, Device, Shared, mask_frame
 from simplepush.bench.report import percentiles
 from simplepush.bench.selfsigned import write_self_signed
 from simplepush.bench.settings import parse_source_ips
+from simplepush.bench.webpush import BODY_SIZE, SUBJECT, Bodies, Vapid
 from simplepush.httpclient import HttpConn, HttpPool
-from tests.conftest import free_port
+from tests.conftest import Memcached, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 # Bounds for waiting on processes, not performance thresholds.
@@ -121,9 +124,9 @@ def test_device_sets_up_acks_answers_pings_and_counts_a_server_close() -> None:
     async def scenario() -> None:
         endpoints: list[str] = []
 
-        def endpoint(url: str) -> tuple[HttpPool, bytes]:
+        def endpoint(url: str) -> tuple[HttpPool, bytes, bytes]:
             endpoints.append(url)
-            return HttpPool("h", never_connect, 1), b"/update/x"
+            return HttpPool("h", never_connect, 1), b"/update/x", b""
 
         shared = Shared("127.0.0.1:1", "/", endpoint)
         device, transport, waiter = upgraded_device(shared)
@@ -185,7 +188,7 @@ def test_device_sets_up_acks_answers_pings_and_counts_a_server_close() -> None:
 )
 def test_device_closes_on_protocol_errors_instead_of_waiting(frame: bytes) -> None:
     async def scenario() -> None:
-        shared = Shared("h", "/", lambda url: (None, b""))  # type: ignore[arg-type,return-value]
+        shared = Shared("h", "/", lambda url: (None, b"", b""))  # type: ignore[arg-type,return-value]
         device, transport, waiter = upgraded_device(shared)
         device.state = READY  # as if registered
         device.data_received(frame)
@@ -207,6 +210,125 @@ def test_device_reports_a_bad_handshake_as_a_setup_error() -> None:
             await waiter
 
     asyncio.run(scenario())
+
+
+def webpush_device(key: str) -> tuple[Device, FakeTransport, str]:
+    """A WebPush device taken through hello and register: it, its transport, its channel ID."""
+    endpoints: list[str] = []
+
+    def endpoint(url: str) -> tuple[HttpPool, bytes, bytes]:
+        endpoints.append(url)
+        return HttpPool("h", never_connect, 1), b"/wpush/v2/x", b"TTL: 60\r\n"
+
+    device, transport, waiter = upgraded_device(Shared("h", "/", endpoint, key))
+    assert unmask(transport.written.pop()) == (1, HELLO_WEBPUSH)
+    hello = {"messageType": "hello", "uaid": "a" * 32, "status": 200, "use_webpush": True}
+    device.data_received(server_frame(json.dumps(hello).encode()))
+    register = json.loads(unmask(transport.written.pop())[1])
+    chid = register["channelID"]
+    assert register == {"messageType": "register", "channelID": chid, "key": key}
+    reply = {"messageType": "register", "channelID": chid, "status": 200, "pushEndpoint": "E"}
+    device.data_received(server_frame(json.dumps(reply).encode()))
+    assert waiter.done() and device.ready and endpoints == ["E"]
+    assert device.headers == b"TTL: 60\r\n"
+    return device, transport, chid
+
+
+def test_webpush_device_registers_its_key_and_acks_string_versions_with_code_100() -> None:
+    async def scenario() -> None:
+        device, transport, chid = webpush_device(Vapid.generate().register_key)
+        body, data = Bodies().make(1)
+        got = device.expect(data)
+
+        def note(**fields: object) -> bytes:
+            return server_frame(json.dumps({"messageType": "notification", **fields}).encode())
+
+        # Another message on the channel (e.g. an older one) is acked but is not the awaited one.
+        device.data_received(note(channelID=chid, version='v"0', data="AAAA", ttl=60))
+        ack = json.loads(unmask(transport.written.pop())[1])
+        assert ack == {
+            "messageType": "ack",
+            "updates": [{"channelID": chid, "version": 'v"0', "code": 100}],
+        }
+        assert not got.done()
+        # The awaited one, data padded or not.
+        headers = {"encoding": "aes128gcm"}
+        padded = base64.urlsafe_b64encode(body).decode()
+        device.data_received(note(channelID=chid, version="m1", data=padded, headers=headers))
+        assert got.done()
+        ack = json.loads(unmask(transport.written.pop())[1])
+        assert ack["updates"] == [{"channelID": chid, "version": "m1", "code": 100}]
+        # Another channel's message is acked as it came.
+        device.data_received(note(channelID="o", version="m2"))
+        ack = json.loads(unmask(transport.written.pop())[1])
+        assert ack["updates"] == [{"channelID": "o", "version": "m2", "code": 100}]
+        assert device.shared.notifications == 3 and device.ready
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"updates": [{"channelID": "c", "version": 1}]},  # a SimplePush notification
+        {"version": 7},  # a version Firefox cannot use
+        {"version": "m1", "headers": {}},  # the awaited data without its encoding
+    ],
+    ids=["simplepush-shape", "int-version", "no-encoding"],
+)
+def test_webpush_device_closes_on_notifications_firefox_could_not_use(
+    fields: dict[str, object],
+) -> None:
+    async def scenario() -> None:
+        device, transport, chid = webpush_device(Vapid.generate().register_key)
+        _, data = Bodies().make(1)
+        got = device.expect(data)
+        frame = {"messageType": "notification", "channelID": chid, "data": data, **fields}
+        device.data_received(server_frame(json.dumps(frame).encode()))
+        assert transport.closed and not device.ready
+        assert device.shared.protocol_errors == 1
+        with pytest.raises(Exception, match="protocol"):
+            await got
+
+    asyncio.run(scenario())
+
+
+def test_webpush_hello_without_use_webpush_is_a_setup_error() -> None:
+    async def scenario() -> None:
+        shared = Shared("h", "/", print, "key")  # type: ignore[arg-type]
+        device, transport, waiter = upgraded_device(shared)
+        device.data_received(server_frame(b'{"messageType":"hello","uaid":"abc","status":200}'))
+        assert transport.closed
+        with pytest.raises(Exception, match="use_webpush"):
+            await waiter
+
+    asyncio.run(scenario())
+
+
+def test_vapid_header_is_an_es256_jwt_for_the_origin_and_bodies_look_aes128gcm() -> None:
+    vapid = Vapid.generate()
+    point = base64.urlsafe_b64decode(vapid.register_key)
+    assert len(point) == 65 and point[0] == 4 and vapid.register_key.endswith("=")
+    public = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+    lines = vapid.headers("http://127.0.0.1:8080").decode().split("\r\n")
+    assert lines[:2] == ["TTL: 60", "Content-Encoding: aes128gcm"] and lines[3:] == [""]
+    match = re.fullmatch(r"Authorization: vapid t=([^,]+),k=([A-Za-z0-9_-]+)", lines[2])
+    assert match is not None
+    assert base64.urlsafe_b64decode(match.group(2) + "=") == point
+    claims = jwt.decode(
+        match.group(1), public, algorithms=["ES256"], audience="http://127.0.0.1:8080"
+    )
+    assert claims["sub"] == SUBJECT
+    assert 11.9 * 3600 < claims["exp"] - time.time() <= 12 * 3600
+
+    bodies = Bodies()
+    (first, data), (second, _) = bodies.make(1), bodies.make(2)
+    assert len(first) == len(second) == BODY_SIZE
+    assert base64.urlsafe_b64decode(data + "==") == first and "=" not in data
+    # salt(16) | rs(4) | idlen(1) | keyid(65, a P-256 point) | ciphertext
+    assert int.from_bytes(first[16:20], "big") == 4096 and first[20] == 65
+    ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), first[21:86])
+    assert first[16:86] == second[16:86] and first[86:94] != second[86:94]
 
 
 def test_source_ips_and_percentiles() -> None:
@@ -236,21 +358,29 @@ class Server:
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
     """`python -m simplepush.cli` on a free port with the memory store; killed at teardown.
 
-    Parametrised indirectly with True, it serves TLS with a self-signed certificate.
+    Parametrised indirectly with "tls", it serves TLS with a self-signed certificate;
+    with "memcached", it stores in the session's (flushed) memcached.
     """
     port = free_port()
     config = tmp_path / "server.ini"
+    kind = getattr(request, "param", "memory")
     certfile = None
-    tls = ""
-    if getattr(request, "param", False):
+    extra = ""
+    if kind == "tls":
         certfile, keyfile = write_self_signed(tmp_path)
-        tls = f"ssl_certfile = {certfile}\nssl_keyfile = {keyfile}\n"
+        extra = f"ssl_certfile = {certfile}\nssl_keyfile = {keyfile}\n"
+    storage = ""
+    if kind == "memcached":
+        memcached: Memcached = request.getfixturevalue("memcached")
+        memcached.flush()
+        extra = f"router_port = {free_port()}\n"
+        storage = f"[storage]\nbackend = memcached\nservers = {memcached.address}\n"
     scheme = "https" if certfile else "http"
     config.write_text(
-        f"[server]\nport = {port}\nendpoint_url = {scheme}://127.0.0.1:{port}\n{tls}"
+        f"[server]\nport = {port}\nendpoint_url = {scheme}://127.0.0.1:{port}\n{extra}"
         f"token_key = {base64.urlsafe_b64encode(os.urandom(32)).decode()}\n"  # a Fernet key
         f"[logging]\noutput = {tmp_path / 'server.log'}\n"
-        "level = warning\n[admin]\nport = 0\n",
+        f"level = warning\n[admin]\nport = 0\n{storage}",
         encoding="utf-8",
     )
     trust = ssl.create_default_context(cafile=str(certfile)) if certfile else None
@@ -374,7 +504,7 @@ def test_bench_runs_every_phase_against_the_server(server: Server, tmp_path: Pat
     assert number(summary["rss_kb_per_device_setup_delta"])
 
 
-@pytest.mark.parametrize("server", [True], indirect=True, ids=["tls"])
+@pytest.mark.parametrize("server", ["tls"], indirect=True)
 def test_bench_speaks_wss_and_https_to_a_tls_server(server: Server, tmp_path: Path) -> None:
     path = tmp_path / "report.json"
     options = ["-n", "20", "-p", "1", "--phases", "setup,closed", "-d", "1", "-c", "4"]
@@ -418,3 +548,39 @@ def test_soak_counts_the_sockets_of_a_killed_server_as_dropped(
     assert soak["sockets_dropped"] == devices == report["summary"]["sockets_dropped"]
     assert soak["devices_at_end"] == 0
     assert soak["server_cpu_ms"] is None  # nothing left to sample
+
+
+@pytest.mark.parametrize("server", ["memory", "memcached"], indirect=True)
+def test_bench_webpush_mode_posts_with_vapid_and_every_message_arrives(
+    server: Server, tmp_path: Path
+) -> None:
+    devices = 30
+    path = tmp_path / "report.json"
+    options = ["--webpush", "-n", str(devices), "-p", "2", "--phases", "setup,closed,open"]
+    options += ["-d", "2", "-c", "6", "--rate", "40"]
+    done = run_bench(server, path, *options)
+    assert done.returncode == 0, done.stderr
+    assert "(webpush)" in done.stderr  # the human table names the mode
+    report = json.loads(path.read_text())
+    assert report["completed"] is True and report["config"]["protocol"] == "webpush"
+    phases, summary = report["phases"], report["summary"]
+
+    setup = phases["setup"]
+    # hello echoed use_webpush and register accepted the key, on every device
+    assert setup["devices_connected"] == devices == setup["devices_at_end"]
+    assert setup["setup_errors_by_kind"] == {}
+    assert setup["server_cpu_ms_per_setup"] > 0
+
+    for name in ("closed", "open"):
+        loop = phases[name]
+        # every POST got 201 and its body reached the device as data, with a string version
+        seen = {key: loop[key] for key in ("puts_sent", "errors_by_kind", "timeouts")}
+        assert loop["round_trips"] > 0 and loop["round_trips"] == loop["puts_sent"], seen
+        assert (loop["errors"], loop["timeouts"], loop["stored"]) == (0, 0, 0), seen
+        assert (loop["protocol_errors"], loop["sockets_dropped"]) == (0, 0)
+        assert loop["devices_at_end"] == devices
+        latency = loop["latency_ms"]
+        assert 0 <= latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
+        assert loop["server_cpu_us_per_round_trip"] > 0
+    assert phases["open"]["skipped_no_idle_channel"] == 0
+    assert (summary["errors"], summary["timeouts"], summary["sockets_dropped"]) == (0, 0, 0)

@@ -350,6 +350,7 @@ DESIGN_DEFAULTS = {
         "idle_timeout": 60,
         "body_timeout": 10,
         "min_ping_interval": 0,
+        "max_queued": 100,
     },
     "storage": {
         "backend": "memory",

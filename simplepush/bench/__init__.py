@@ -1,5 +1,6 @@
-"""simplepush-bench: a wire-level load generator for any SimplePush server.
+"""simplepush-bench: a wire-level load generator for any SimplePush or WebPush server.
 
-It speaks only the public protocol (WebSocket JSON frames and HTTP PUT to
-the pushEndpoint), so it can measure other implementations as well as ours.
+It speaks only the public protocol (WebSocket JSON frames and HTTP PUT, or
+with --webpush a VAPID-signed POST, to the pushEndpoint), so it can measure
+other implementations as well as ours.
 """

@@ -13,6 +13,7 @@ from simplepush.bench.coordinator import REPORT_GRACE, Plan, run, share
 from simplepush.bench.net import ephemeral_ports, raise_nofile
 from simplepush.bench.report import table
 from simplepush.bench.settings import Target, WorkerSettings, parse_source_ips
+from simplepush.bench.webpush import BODY_SIZE, Vapid
 from simplepush.bench.worker import SOAK_TICK
 
 PHASES = ("setup", "closed", "open", "soak")
@@ -24,10 +25,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="simplepush-bench",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Drive a SimplePush server over the wire (WebSocket + HTTP PUT) and report "
-        "setup rate, round-trip latency, errors, dropped sockets and server CPU/RSS.",
+        description="Drive a SimplePush server over the wire (WebSocket + HTTP PUT; WebPush with "
+        "--webpush) and report setup rate, round-trip latency, errors, dropped sockets and "
+        "server CPU/RSS.",
     )
     p.add_argument("--url", default="ws://127.0.0.1:8080/", help="server WebSocket URL (ws or wss)")
+    p.add_argument(
+        "--webpush",
+        action="store_true",
+        help="speak WebPush instead: hello with use_webpush, register with one VAPID key for "
+        f"the run, POST {BODY_SIZE}-byte aes128gcm bodies with a VAPID JWT (expects 201) and "
+        "ack string versions with code 100",
+    )
     p.add_argument(
         "--ca-file",
         default="",
@@ -154,6 +163,7 @@ def plan_from(args: argparse.Namespace, start: float) -> Plan:
             f"a process can hold {per_process} devices (open-file limit): use "
             f"--processes {math.ceil(args.devices / per_process)} or more"
         )
+    vapid = Vapid.generate() if args.webpush else None
     workers, first = [], 0
     for i in range(processes):
         count = share(args.devices, processes, i)
@@ -171,11 +181,13 @@ def plan_from(args: argparse.Namespace, start: float) -> Plan:
                 op_timeout=args.op_timeout,
                 http_conns=args.http_conns,
                 deadline=start + args.timeout - REPORT_GRACE,
+                vapid=vapid,
             )
         )
         first += count
     config: dict[str, Any] = {
         "url": args.url,
+        "protocol": "webpush" if args.webpush else "simplepush",
         "devices": args.devices,
         "processes": processes,
         "phases": phases,

@@ -1,4 +1,4 @@
-"""A simulated SimplePush device: a minimal RFC 6455 client on an asyncio Protocol.
+"""A simulated push device: a minimal RFC 6455 client on an asyncio Protocol.
 
 Why hand-written instead of ``tornado.websocket.websocket_connect``: tornado
 keeps an IOStream, an HTTP1Connection and a reading coroutine (a task) per
@@ -15,6 +15,11 @@ use 7/16/64-bit lengths; text, close, ping and pong are handled; binary,
 fragmented, masked or RSV-flagged server frames are protocol errors that close
 the socket (SimplePush servers send small single text frames), so nothing can
 hang waiting for a continuation.
+
+A device speaks SimplePush (integer versions it is told to expect) or, when
+``Shared`` has a VAPID key, WebPush: ``use_webpush`` hello, register with the
+key, and one notification per frame whose server-chosen string version is
+acked with code 100; the round trip is recognised by the ``data`` it carries.
 """
 
 from __future__ import annotations
@@ -36,8 +41,12 @@ WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_FRAME = 1 << 20
 MAX_HANDSHAKE = 65536
 HELLO = b'{"messageType":"hello","uaid":"","channelIDs":[]}'
+HELLO_WEBPUSH = b'{"messageType":"hello","use_webpush":true}'
+REGISTER = b'{"messageType":"register","channelID":"%s"}'
 PING = b"{}"
 ACK = b'{"messageType":"ack","updates":[{"channelID":"%s","version":%d}]}'
+# %s: our channel ID, then the version as a JSON string.
+WEBPUSH_ACK = b'{"messageType":"ack","updates":[{"channelID":"%s","version":%s,"code":100}]}'
 
 # Device states.
 UPGRADING, HELLO_SENT, REGISTERING, READY, CLOSING, CLOSED = range(6)
@@ -54,21 +63,36 @@ class Shared:
         "awaiting_pong",
         "dropped",
         "endpoint",
+        "hello",
         "notifications",
         "pongs",
         "protocol_errors",
+        "register",
         "upgrade",
+        "webpush",
     )
 
     def __init__(
-        self, host: str, path: str, endpoint: Callable[[str], tuple[HttpPool, bytes]]
+        self,
+        host: str,
+        path: str,
+        endpoint: Callable[[str], tuple[HttpPool, bytes, bytes]],
+        webpush_key: str | None = None,
     ) -> None:
         self.upgrade = (
             f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: push-notification\r\n"
             "Sec-WebSocket-Key: "
         ).encode()
-        self.endpoint = endpoint  # pushEndpoint URL -> (pool, request path); raises ValueError
+        # pushEndpoint URL -> (pool, request path, request headers); raises ValueError
+        self.endpoint = endpoint
+        self.webpush = webpush_key is not None  # the register ``key`` when speaking WebPush
+        self.hello = HELLO_WEBPUSH if self.webpush else HELLO
+        self.register = (
+            REGISTER
+            if webpush_key is None
+            else b'{"messageType":"register","channelID":"%%s","key":"%s"}' % webpush_key.encode()
+        )
         self.dropped = 0  # ready sockets the server closed
         self.protocol_errors = 0  # ready sockets we closed because the server broke the protocol
         self.pongs = 0
@@ -100,6 +124,7 @@ class Device(asyncio.Protocol):
         "accept",
         "buf",
         "chid",
+        "headers",
         "path",
         "pinged",
         "pool",
@@ -119,7 +144,9 @@ class Device(asyncio.Protocol):
         self.chid = ""
         self.pool: HttpPool | None = None
         self.path = b""
-        self.want = -1  # version a round trip is waiting for
+        self.headers = b""  # of every request to the endpoint (shared bytes, one per origin)
+        # What a round trip waits for: a SimplePush version, or a WebPush message's data.
+        self.want: int | str = -1
         self.pinged = False  # a ping is unanswered
         # Setup: resolved when registered. Later: resolved when ``want`` arrives.
         self.waiter: asyncio.Future[float] | None = waiter
@@ -129,8 +156,8 @@ class Device(asyncio.Protocol):
         """Registered and still connected."""
         return self.state == READY
 
-    def expect(self, version: int) -> asyncio.Future[float]:
-        """Future for the perf_counter() time at which ``version`` is parsed."""
+    def expect(self, version: int | str) -> asyncio.Future[float]:
+        """Future for the perf_counter() time at which ``version`` (WebPush: data) is parsed."""
         self.want = version
         self.waiter = asyncio.get_running_loop().create_future()
         return self.waiter
@@ -183,7 +210,7 @@ class Device(asyncio.Protocol):
                 self._fail("handshake")
                 return
             self.state, self.accept = HELLO_SENT, b""
-            self._send(HELLO)
+            self._send(self.shared.hello)
             data = data[end + 4 :]
         pos, size = 0, len(data)
         while size - pos >= 2 and self.state < CLOSING:
@@ -261,7 +288,10 @@ class Device(asyncio.Protocol):
         kind = msg.get("messageType")
         kind = kind.lower() if isinstance(kind, str) else None
         if kind == "notification":
-            self._notification(msg.get("updates"))
+            if self.shared.webpush:
+                self._push_message(msg)
+            else:
+                self._notification(msg.get("updates"))
         elif kind is None or kind == "ping":
             self.shared.pongs += 1
             self._ponged()
@@ -270,9 +300,12 @@ class Device(asyncio.Protocol):
             if msg.get("status") != 200 or not isinstance(uaid, str) or not uaid:
                 self._fail("hello")
                 return
+            if self.shared.webpush and msg.get("use_webpush") is not True:
+                self._fail("hello: use_webpush not echoed")  # Firefox would expect SimplePush
+                return
             self.state = REGISTERING
             self.chid = str(uuid.uuid4())
-            self._send(b'{"messageType":"register","channelID":"%s"}' % self.chid.encode())
+            self._send(self.shared.register % self.chid.encode())
         elif kind == "register" and self.state == REGISTERING:
             self._registered(msg)
 
@@ -286,7 +319,7 @@ class Device(asyncio.Protocol):
             self._fail("register")
             return
         try:
-            self.pool, self.path = self.shared.endpoint(endpoint)
+            self.pool, self.path, self.headers = self.shared.endpoint(endpoint)
         except ValueError as exc:
             self._fail(f"endpoint: {exc}")
             return
@@ -313,6 +346,35 @@ class Device(asyncio.Protocol):
             self._send(json.dumps({"messageType": "ack", "updates": acks}).encode())
         waiter = self.waiter
         if hit and waiter is not None and not waiter.done() and self.state == READY:
+            waiter.set_result(now)
+
+    def _push_message(self, msg: dict[str, Any]) -> None:
+        """A WebPush notification: ack it with code 100; a hit if it carries the awaited data.
+
+        A version or channel ID that is not a string, or awaited data without the
+        aes128gcm encoding header, would break Firefox: a protocol error.
+        """
+        now = perf_counter()
+        self.shared.notifications += 1
+        chid, version = msg.get("channelID"), msg.get("version")
+        if not isinstance(chid, str) or not isinstance(version, str) or not version:
+            self._fail("protocol")
+            return
+        mine = chid == self.chid
+        if mine:  # the usual case, without json.dumps of the whole frame
+            self._send(WEBPUSH_ACK % (self.chid.encode(), json.dumps(version).encode()))
+        else:
+            update = {"channelID": chid, "version": version, "code": 100}
+            self._send(json.dumps({"messageType": "ack", "updates": [update]}).encode())
+        data = msg.get("data")
+        if not mine or not isinstance(data, str) or data.rstrip("=") != self.want:
+            return
+        headers = msg.get("headers")
+        if not isinstance(headers, dict) or headers.get("encoding") != "aes128gcm":
+            self._fail("protocol")
+            return
+        waiter = self.waiter
+        if waiter is not None and not waiter.done() and self.state == READY:
             waiter.set_result(now)
 
     def _send(self, payload: bytes, opcode: int = 1) -> None:

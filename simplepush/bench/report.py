@@ -128,7 +128,8 @@ def table(report: dict[str, Any]) -> str:
     """A few lines for people; the JSON has everything."""
     cfg, phases = report["config"], report["phases"]
     rows = [
-        f"simplepush-bench {cfg['url']}: {cfg['devices']} devices, {cfg['processes']} processes"
+        f"simplepush-bench {cfg['url']} ({cfg.get('protocol', 'simplepush')}): "
+        f"{cfg['devices']} devices, {cfg['processes']} processes"
     ]
 
     def row(phase: str, label: str, value: str) -> None:

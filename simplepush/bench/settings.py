@@ -7,6 +7,8 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from simplepush.bench.webpush import Vapid
+
 
 @dataclass(frozen=True, slots=True)
 class Target:
@@ -82,3 +84,4 @@ class WorkerSettings:
     op_timeout: float
     http_conns: int
     deadline: float  # time.monotonic() value; CLOCK_MONOTONIC is system-wide on Linux
+    vapid: Vapid | None = None  # WebPush mode: the run's VAPID key pair; None = SimplePush

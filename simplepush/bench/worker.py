@@ -25,6 +25,7 @@ from simplepush.bench.device import Device, DeviceError, Shared
 from simplepush.bench.net import connect, raise_nofile
 from simplepush.bench.settings import Target, WorkerSettings, resolve
 from simplepush.bench.tally import Tally
+from simplepush.bench.webpush import Bodies
 from simplepush.httpclient import HttpPool
 
 ERROR_BACKOFF = 0.01  # closed loop: pause after a failed round trip, not to spin on errors
@@ -50,7 +51,15 @@ class Worker:
         self.ips: dict[str, str] = {}
         # One counter for all channels of this process: each channel's versions increase.
         self.versions = itertools.count(1)
-        self.shared = Shared(settings.ws.host, settings.ws_path, self.endpoint)
+        vapid = settings.vapid
+        self.bodies = Bodies() if vapid else None  # WebPush mode
+        self.origin_headers: dict[str, bytes] = {}  # WebPush: endpoint origin -> POST headers
+        self.shared = Shared(
+            settings.ws.host,
+            settings.ws_path,
+            self.endpoint,
+            vapid.register_key if vapid else None,
+        )
         # For wss:// devices and https:// endpoints alike.
         self.tls = ssl.create_default_context(cafile=settings.ca_file or None)
         self.marks = (0, 0, 0, 0)  # shared's counters at the end of the last phase
@@ -103,14 +112,22 @@ class Worker:
         tally.alive = sum(device.ready for device in self.devices)
         return tally
 
-    def endpoint(self, url: str) -> tuple[HttpPool, bytes]:
-        """Map a pushEndpoint to the pool that reaches it and the request path.
+    def endpoint(self, url: str) -> tuple[HttpPool, bytes, bytes]:
+        """Map a pushEndpoint to the pool that reaches it, the request path and headers.
 
         Only the --url host (any port) or the explicit --endpoint-base is ever
-        contacted, whatever endpoint_url the server was configured with.
+        contacted, whatever endpoint_url the server was configured with. WebPush
+        headers carry a JWT whose ``aud`` is the endpoint's own origin (as
+        pywebpush computes it), even when --endpoint-base redirects the request.
         """
         parts = urlsplit(url)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        headers = FORM
+        if self.s.vapid is not None:
+            origin = f"{parts.scheme}://{parts.netloc}"
+            if origin not in self.origin_headers:
+                self.origin_headers[origin] = self.s.vapid.headers(origin)
+            headers = self.origin_headers[origin]
         target = self.s.endpoint_base
         if target is None:
             if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -132,7 +149,7 @@ class Worker:
             pool = self.pools[target.ip, target.port] = HttpPool(
                 target.host, lambda conn: connect(conn, target, source, tls), self.s.http_conns
             )
-        return pool, path.encode()
+        return pool, path.encode(), headers
 
     def ready(self) -> list[Device]:
         """Devices that are registered and still connected."""
@@ -186,26 +203,34 @@ class Worker:
         return tally
 
     async def round_trip(self, device: Device, tally: Tally, due: float | None = None) -> bool:
-        """PUT a new version to ``device``'s endpoint and wait until the device has it.
+        """Send a new message to ``device``'s endpoint and wait until the device has it.
 
+        SimplePush: PUT ``version=N``, 200 (202 = stored). WebPush: POST a 100-byte
+        aes128gcm body, 201, and the device recognises the message by its data.
         Returns False when it failed, so a closed loop can back off instead of spinning.
         """
         assert device.pool is not None
-        version = next(self.versions)
-        got = device.expect(version)
+        seq = next(self.versions)
+        if self.bodies is None:
+            method, body, delivered = b"PUT", b"version=%d" % seq, 200
+            got = device.expect(seq)
+        else:
+            method, delivered = b"POST", 201
+            body, data = self.bodies.make(seq)
+            got = device.expect(data)
         tally.attempts += 1
         try:
             async with asyncio.timeout(self.s.op_timeout):
                 status, _, sent = await device.pool.request(
-                    b"PUT", device.path, b"version=%d" % version, FORM
+                    method, device.path, body, device.headers
                 )
                 if due is not None:
                     tally.lag_ms.append((sent - due) * 1000)
-                if status == 200:
+                if status == delivered:
                     tally.latency_ms.append((await got - sent) * 1000)
                     tally.ok += 1
                     return True
-                if status == 202:
+                if status == 202 and self.bodies is None:
                     tally.stored += 1
                     return True
                 tally.errors[f"http {status}"] += 1

@@ -41,9 +41,10 @@ EMPTY_RECORD_TTL = 600
 # most `timeout` seconds in all.
 CAS_BACKOFF = 0.0005
 CAS_BACKOFF_CAP = 0.05
-# memcached's default largest item (-I 1m), less room for the record's header: a UAID's
-# queued WebPush messages all live in its one item, so past this a POST answers 429.
-MAX_RECORD = 1024 * 1024 - 4096
+# memcached's default largest item (-I 1m), less room for the channels (200 of them take
+# about 15 KB): a UAID's queued WebPush messages all live in its one item, so past this a
+# POST answers 429 (docs/STORAGE.md).
+MAX_RECORD = 1024 * 1024 - 64 * 1024
 # A queued WebPush message: [chid, id, ttl, expires_at, topic, headers, data]; data last.
 _Q_DATA = 6
 
