@@ -2,7 +2,9 @@
 
 Hot paths only add to a dict (`Stats.incr`, called by metrics.py for every
 statsd counter, so each name is counted once whether or not statsd is on)
-and, per delivered update, one histogram bucket (`Stats.delivered`).
+and, per delivered update, one histogram bucket (`Stats.delivered`; WebPush
+POSTs have a histogram of their own, so neither protocol's latency hides
+the other's).
 Once a second the sampler (sampler.py) calls `Stats.take`, which turns the
 counters into that second's deltas: rates are deltas per second, and the
 deltas of several workers add up. `view` turns the samples of one or more
@@ -55,6 +57,26 @@ REJECTED = {
     "500": ("put.internal_error",),
     "503": ("put.storage_error",),
 }
+# WebPush POSTs (/wpush/v1|v2/<token>), kept apart from the PUTs above: JSON key, counter.
+WEBPUSH_RATES = {
+    "incoming": "updates.webpush.incoming",
+    "delivered": "post.delivered",
+    "stored": "post.stored",
+    "routed": "post.routed",
+}
+# POSTs refused, by status. One counter covers 401 (VAPID missing or unparseable) and 403
+# (VAPID invalid), so they share a bucket; "+" rather than "/" as keys are read as paths.
+WEBPUSH_REJECTED = {
+    "400": ("post.invalid",),
+    "401+403": ("post.unauthorized",),
+    "404": ("post.invalid_token",),
+    "410": ("post.unknown_channel",),
+    "413": ("post.too_long",),
+    "429": ("post.throttled",),
+    "500": ("post.internal_error",),
+    "503": ("post.storage_error",),
+}
+WEBPUSH_PREFIX = "webpush_"  # the WebPush plot series: webpush_<rate>, webpush_p50, ...
 ERROR_PREFIX = "error."  # counters of warning and error events, by their log Type
 
 
@@ -94,32 +116,50 @@ class Sample:
     t: int  # the wall-clock second it was taken
     span: int  # seconds since the previous sample
     counts: dict[str, int]
-    latency: dict[int, int]
+    latency: dict[int, int]  # PUT deliveries
     gauges: dict[str, float]
+    webpush_latency: dict[int, int] = field(default_factory=dict)  # WebPush deliveries
 
     def to_json(self) -> dict[str, Any]:
         return {
             "t": self.t,
             "span": self.span,
             "counts": self.counts,
-            "latency": {str(index): count for index, count in self.latency.items()},
+            "latency": _histogram_json(self.latency),
             "gauges": self.gauges,
+            "webpush_latency": _histogram_json(self.webpush_latency),
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Sample:
-        latency = {int(index): int(count) for index, count in data["latency"].items()}
-        return cls(int(data["t"]), int(data["span"]), data["counts"], latency, data["gauges"])
+        """Also reads an export without `webpush_latency` (a worker of an older version)."""
+        return cls(
+            int(data["t"]),
+            int(data["span"]),
+            data["counts"],
+            _histogram(data["latency"]),
+            data["gauges"],
+            _histogram(data.get("webpush_latency", {})),
+        )
+
+
+def _histogram_json(histogram: dict[int, int]) -> dict[str, int]:
+    return {str(index): count for index, count in histogram.items()}
+
+
+def _histogram(data: dict[str, Any]) -> dict[int, int]:
+    return {int(index): int(count) for index, count in data.items()}
 
 
 class Stats:
     """One worker's counters and its last HISTORY samples."""
 
-    __slots__ = ("_base", "counts", "latency", "samples", "status", "totals")
+    __slots__ = ("_base", "counts", "latency", "samples", "status", "totals", "webpush_latency")
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}  # cumulative since start, fed by hot paths
-        self.latency: dict[int, int] = {}  # deliveries since the last sample, by bucket
+        self.latency: dict[int, int] = {}  # PUT deliveries since the last sample, by bucket
+        self.webpush_latency: dict[int, int] = {}  # WebPush deliveries, the same way
         self.samples: deque[Sample] = deque(maxlen=HISTORY)
         self.totals: dict[str, int] = {}  # cumulative as of the last sample
         self.status: dict[str, Any] = {}  # storage's words: error texts and when
@@ -129,10 +169,10 @@ class Stats:
         counts = self.counts
         counts[name] = counts.get(name, 0) + count
 
-    def delivered(self, ms: float) -> None:
-        """An update reached a device's socket `ms` after its PUT arrived."""
+    def delivered(self, ms: float, webpush: bool = False) -> None:
+        """An update reached a device's socket `ms` after its PUT (or WebPush POST) arrived."""
         index = bucket(ms)
-        latency = self.latency
+        latency = self.webpush_latency if webpush else self.latency
         latency[index] = latency.get(index, 0) + 1
 
     def baseline(self, extra: dict[str, int]) -> None:
@@ -151,8 +191,9 @@ class Stats:
         self._base = current
         _add(self.totals, deltas)
         span = t - self.samples[-1].t if self.samples else 1
-        sample = Sample(t, max(span, 1), deltas, self.latency, gauges)
+        sample = Sample(t, max(span, 1), deltas, self.latency, gauges, self.webpush_latency)
         self.latency = {}
+        self.webpush_latency = {}
         self.samples.append(sample)
         return sample
 
@@ -205,15 +246,17 @@ def _merge(samples: Iterable[Sample]) -> Sample:
     samples = list(samples)
     counts: dict[str, int] = {}
     latency: dict[int, int] = {}
+    webpush_latency: dict[int, int] = {}
     gauges: dict[str, list[float]] = {}
     for sample in samples:
         _add(counts, sample.counts)
         _add(latency, sample.latency)
+        _add(webpush_latency, sample.webpush_latency)
         for name, value in sample.gauges.items():
             gauges.setdefault(name, []).append(value)
     merged = {name: _GAUGE_MERGE.get(name, sum)(values) for name, values in gauges.items()}
     span = max(sample.span for sample in samples)
-    return Sample(samples[0].t, span, counts, latency, merged)
+    return Sample(samples[0].t, span, counts, latency, merged, webpush_latency)
 
 
 def _rate(samples: Sequence[Sample], names: Sequence[str]) -> float:
@@ -224,16 +267,20 @@ def _rate(samples: Sequence[Sample], names: Sequence[str]) -> float:
     return round(events / seconds, 3)
 
 
-def _rates(samples: Sequence[Sample]) -> dict[str, Any]:
-    rates: dict[str, Any] = {key: _rate(samples, (name,)) for key, name in RATES.items()}
-    rates["rejected"] = {status: _rate(samples, names) for status, names in REJECTED.items()}
+def _rates(
+    samples: Sequence[Sample],
+    plain: dict[str, str] = RATES,
+    rejected: dict[str, tuple[str, ...]] = REJECTED,
+) -> dict[str, Any]:
+    rates: dict[str, Any] = {key: _rate(samples, (name,)) for key, name in plain.items()}
+    rates["rejected"] = {status: _rate(samples, names) for status, names in rejected.items()}
     return rates
 
 
-def _latency(samples: Sequence[Sample]) -> dict[str, Any]:
+def _latency(histograms: Iterable[dict[int, int]]) -> dict[str, Any]:
     histogram: dict[int, int] = {}
-    for sample in samples:
-        _add(histogram, sample.latency)
+    for each in histograms:
+        _add(histogram, each)
     p50, p95, p99 = percentiles(histogram, (0.5, 0.95, 0.99))
     return {"p50": p50, "p95": p95, "p99": p99, "count": sum(histogram.values())}
 
@@ -271,18 +318,32 @@ def _series(samples: Sequence[Sample]) -> dict[str, list[Any]]:
         "t": [sample.t for sample in samples],
         "span": [sample.span for sample in samples],
     }
-    for key, name in RATES.items():
-        series[key] = [round(s.counts.get(name, 0) / s.span, 3) for s in samples]
-    rejected = [name for names in REJECTED.values() for name in names]
-    series["rejected"] = [
-        round(sum(s.counts.get(name, 0) for name in rejected) / s.span, 3) for s in samples
-    ]
-    quantiles = [percentiles(s.latency, (0.5, 0.95, 0.99)) for s in samples]
-    for position, key in enumerate(("p50", "p95", "p99")):
-        series[key] = [values[position] for values in quantiles]
+    _plotted(series, "", samples, RATES, REJECTED, [s.latency for s in samples])
+    webpush = [s.webpush_latency for s in samples]
+    _plotted(series, WEBPUSH_PREFIX, samples, WEBPUSH_RATES, WEBPUSH_REJECTED, webpush)
     for gauge in ("devices", "storage_rtt_ms"):
         series[gauge] = [s.gauges.get(gauge) for s in samples]
     return series
+
+
+def _plotted(
+    series: dict[str, list[Any]],
+    prefix: str,
+    samples: Sequence[Sample],
+    plain: dict[str, str],
+    rejected: dict[str, tuple[str, ...]],
+    histograms: Sequence[dict[int, int]],
+) -> None:
+    """One protocol's per-second rates (`rejected` summed) and percentiles, named prefix+key."""
+    for key, name in plain.items():
+        series[prefix + key] = [round(s.counts.get(name, 0) / s.span, 3) for s in samples]
+    refused = [name for names in rejected.values() for name in names]
+    series[prefix + "rejected"] = [
+        round(sum(s.counts.get(name, 0) for name in refused) / s.span, 3) for s in samples
+    ]
+    quantiles = [percentiles(histogram, (0.5, 0.95, 0.99)) for histogram in histograms]
+    for position, key in enumerate(("p50", "p95", "p99")):
+        series[prefix + key] = [values[position] for values in quantiles]
 
 
 def view(workers: Sequence[Worker], at: int | None = None, since: int = 0) -> dict[str, Any]:
@@ -314,12 +375,15 @@ def view(workers: Sequence[Worker], at: int | None = None, since: int = 0) -> di
         for gauge in ("devices", "connections", "memory_bytes"):
             row[gauge] = gauges.get(gauge, 0)
         row["rates"] = {key: _rate(mine, (name,)) for key, name in RATES.items()}
+        webpush = {key: _rate(mine, (name,)) for key, name in WEBPUSH_RATES.items()}
+        row["webpush"] = {"rates": webpush}
         rows.append(row)
     statuses = [worker.status for worker in live]
     last_errors = [status for status in statuses if status.get("last_error_at")]
     last = max(last_errors, key=lambda status: status["last_error_at"], default={})
     gauges = latest.gauges
     recent = merged[-RATE_WINDOW:]
+    latency_window = [s for s in merged if s.t > t - LATENCY_WINDOW]
     totals = _summed(_totals_at(worker, t) for worker in live)
     errors = [name for name in totals if name.startswith(ERROR_PREFIX)]
     return {
@@ -330,7 +394,11 @@ def view(workers: Sequence[Worker], at: int | None = None, since: int = 0) -> di
         "connections": gauges.get("connections", 0),
         "memory_bytes": gauges.get("memory_bytes", 0),
         "rates": _rates(recent),
-        "latency_ms": _latency([s for s in merged if s.t > t - LATENCY_WINDOW]),
+        "latency_ms": _latency(s.latency for s in latency_window),
+        "webpush": {
+            "rates": _rates(recent, WEBPUSH_RATES, WEBPUSH_REJECTED),
+            "latency_ms": _latency(s.webpush_latency for s in latency_window),
+        },
         "storage": {
             "ok": bool(gauges.get("storage_ok", 1)),
             "rtt_ms": gauges.get("storage_rtt_ms"),

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from http.client import responses
 from typing import Any
 
@@ -315,21 +316,48 @@ async def _delete(node: Node, path: str, headers: HTTPHeaders, body: bytes) -> e
     return await webpush_endpoint.cancel(node, path.partition("?")[0])
 
 
+@dataclass(slots=True, frozen=True)
+class Route:
+    """A hot route: who answers it, its name in logs (no token), and how a crash is told."""
+
+    respond: Respond
+    label: str
+    error_type: str  # the log Type of an unexpected exception
+    dashboard: str | None  # its dashboard counter (Stats only)
+    metric: str | None  # its statsd counter
+    failure: endpoint.Answer
+
+
+PUT_ROUTE = Route(
+    _put,
+    UPDATE_PREFIX,
+    "update.error",
+    "put.internal_error",
+    None,
+    endpoint.Answer(500, b'{"status":500,"error":"Internal Server Error"}'),
+)
+_WEBPUSH_FAILURE = webpush_endpoint.error(500, 999, "Internal Server Error")
+POST_ROUTE = Route(
+    _post,
+    webpush_endpoint.POST_PREFIX,
+    "webpush.error",
+    "post.internal_error",
+    "updates.webpush.error",
+    _WEBPUSH_FAILURE,
+)
+DELETE_ROUTE = Route(
+    _delete, webpush_endpoint.MESSAGE_PREFIX, "webpush.error", None, None, _WEBPUSH_FAILURE
+)
+
+
 class UpdateRequest(HTTPMessageDelegate):
     """An app server's PUT, POST or DELETE on Tornado's HTTP/1.1 connection, answered by
-    `respond`; `label` names the route in logs without the token."""
+    its Route."""
 
-    def __init__(
-        self,
-        node: Node,
-        connection: HTTPConnection,
-        respond: Respond = _put,
-        label: str = UPDATE_PREFIX,
-    ) -> None:
+    def __init__(self, node: Node, connection: HTTPConnection, route: Route = PUT_ROUTE) -> None:
         self._node = node
         self._connection = connection
-        self._handler = respond
-        self._label = label
+        self._route = route
         self._method = ""
         self._path = ""
         self._headers = HTTPHeaders()
@@ -398,13 +426,17 @@ class UpdateRequest(HTTPMessageDelegate):
     async def _answer(self) -> None:
         start = time.monotonic()
         try:
-            answer = await self._handler(
+            answer = await self._route.respond(
                 self._node, self._path, self._headers, b"".join(self._chunks)
             )
         except Exception:
-            logs.exception("update.error")
-            self._node.stats.incr("put.internal_error")
-            answer = endpoint.Answer(500, b'{"status":500,"error":"Internal Server Error"}')
+            route = self._route
+            logs.exception(route.error_type)
+            if route.dashboard is not None:
+                self._node.stats.incr(route.dashboard)
+            if route.metric is not None:
+                self._node.metrics.incr(route.metric)
+            answer = route.failure
         if self._gone:
             return
         extra = {"Access-Control-Allow-Origin": "*", "Date": _http_date()}
@@ -417,7 +449,7 @@ class UpdateRequest(HTTPMessageDelegate):
             logging.WARNING if answer.status >= 500 else logging.DEBUG,
             "http.request",
             method=self._method,
-            path=self._label,
+            path=self._route.label,
             status=answer.status,
             duration_ms=round((time.monotonic() - start) * 1000, 3),
         )
@@ -489,9 +521,9 @@ def make_app(node: Node) -> FrontDoor:
         if method == "PUT" and path.startswith(UPDATE_PREFIX):
             return UpdateRequest(node, connection)
         if method == "POST" and path.startswith(webpush_endpoint.POST_PREFIX):
-            return UpdateRequest(node, connection, _post, webpush_endpoint.POST_PREFIX)
+            return UpdateRequest(node, connection, POST_ROUTE)
         if method == "DELETE" and path.startswith(webpush_endpoint.MESSAGE_PREFIX):
-            return UpdateRequest(node, connection, _delete, webpush_endpoint.MESSAGE_PREFIX)
+            return UpdateRequest(node, connection, DELETE_ROUTE)
         return None
 
     return FrontDoor(app, fast, node.max_header_size, node.body_timeout)

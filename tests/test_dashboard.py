@@ -1,8 +1,9 @@
 """The operator dashboard's admin listener and /api/stats (issue 7), over real sockets.
 
-A known workload (N devices, M updates, K acks) is driven over the wire
-against the console script, with one process and with `processes = 2` on a
-real memcached, and /api/stats must count exactly that. Waits are for the
+A known workload (N devices, M updates, K acks; SimplePush PUTs and
+WebPush POSTs, counted apart) is driven over the wire against the console
+script, with one process and with `processes = 2` on a real memcached,
+and /api/stats must count exactly that. Waits are for the
 once-a-second sampler to show the numbers, bounded; nothing times the
 server. The admin listener wants its token when one is set and is not
 reachable through the public port; a bad [admin] setting exits 2.
@@ -16,19 +17,23 @@ import os
 import signal
 import socket
 import time
+from base64 import urlsafe_b64encode
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from simplepush.stats import Sample, Worker, bucket, bucket_ms, percentiles, view
+from simplepush.stats import RATES, Sample, Stats, Worker, bucket, bucket_ms, percentiles, view
 from tests.conftest import free_port, new_id
 from tests.test_cli import SCRIPT, Server, assert_config_error, launch, run_cli
 
 # fixtures of the cluster tests: memcached and supervised servers logging to a file
 from tests.test_cluster import (  # noqa: F401
     Device,
+    Response,
     call,
     cluster,
     memcached_proc,
@@ -43,6 +48,57 @@ from tests.test_cluster import (  # noqa: F401
 STATS_TIMEOUT = 10.0
 EXIT_TIMEOUT = 5.0
 TOKEN = "s3cret-dashboard-token-0123456789"
+MAX_QUEUED = 100  # [server] max_queued's default: WebPush messages waiting per channel
+MAX_WEBPUSH_BODY = 4096
+
+
+class WebPushDevice(Device):
+    """A device that says hello with use_webpush; versions are opaque strings."""
+
+    def hello(self, uaid: str = "", channel_ids: list[str] | None = None) -> None:
+        reply = self.request({"messageType": "hello", "use_webpush": True})
+        self.uaid = reply.get("uaid", "")
+        assert (reply.get("status"), reply.get("use_webpush")) == (200, True), reply
+
+    def register(self, chid: str, key: str = "") -> str:
+        """The pushEndpoint: /wpush/v1/ without a key, /wpush/v2/ (VAPID required) with one."""
+        frame = {"messageType": "register", "channelID": chid, **({"key": key} if key else {})}
+        reply = self.request(frame)
+        endpoint = reply.get("pushEndpoint", "")
+        assert reply.get("status") == 200 and f"/wpush/v{2 if key else 1}/" in endpoint, reply
+        return endpoint
+
+    def unregister(self, chid: str) -> None:
+        reply = self.request({"messageType": "unregister", "channelID": chid, "code": 200})
+        assert (reply.get("messageType"), reply.get("status")) == ("unregister", 200), reply
+
+    def receive(self, chid: str) -> str:
+        """The next notification, which must be for chid; its version."""
+        frame = self.recv()
+        assert (frame.get("messageType"), frame.get("channelID")) == ("notification", chid), frame
+        return frame["version"]
+
+    def ack_version(self, chid: str, version: str) -> None:
+        """Ack, then ping, so that the ack is handled when this returns."""
+        update = {"channelID": chid, "version": version, "code": 100}
+        self.send({"messageType": "ack", "updates": [update]})
+        assert self.request("{}") == {}
+
+
+def post(endpoint: str, body: bytes = b"", headers: dict[str, str] | None = None) -> Response:
+    """A WebPush POST with `TTL: 60` unless headers say otherwise (None drops a header)."""
+    sent = {"TTL": "60", **(headers or {})}
+    return call("POST", endpoint, body, {k: v for k, v in sent.items() if v is not None})
+
+
+def p256_key() -> str:
+    """A fresh P-256 public key as a register's `key`: an uncompressed point, b64url."""
+    point = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    )
+    return urlsafe_b64encode(point).rstrip(b"=").decode("ascii")
 
 
 def admin_get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
@@ -97,7 +153,7 @@ def start(tmp_path: Path) -> Iterator[Callable[..., tuple[Server, int]]]:
             server.proc.wait(timeout=EXIT_TIMEOUT)
 
 
-def workload(server: Any, devices: int, connect: Callable[[Any], Device]) -> list[Device]:
+def workload(server: Any, devices: int, connect: Callable[..., Device]) -> list[Device]:
     """Each device: hello, register, one PUT delivered live, one ack. Returns the devices."""
     opened = []
     for _ in range(devices):
@@ -112,12 +168,27 @@ def workload(server: Any, devices: int, connect: Callable[[Any], Device]) -> lis
     return opened
 
 
+def webpush_workload(server: Any, devices: int, connect: Callable[..., Device]) -> list[Any]:
+    """Each WebPush device: hello, register, one POST delivered live (201), one ack."""
+    opened = []
+    for _ in range(devices):
+        device = connect(server, WebPushDevice)
+        device.hello()
+        chid = new_id()
+        endpoint = device.register(chid)
+        assert post(endpoint).status == 201
+        device.ack_version(chid, device.receive(chid))
+        opened.append(device)
+    return opened
+
+
 @pytest.fixture
-def connect() -> Iterator[Callable[[Any], Device]]:
+def connect() -> Iterator[Callable[..., Device]]:
+    """connect(server, kind=Device): a device's socket, closed at teardown."""
     opened: list[Device] = []
 
-    def _connect(server: Any) -> Device:
-        device = Device(server)
+    def _connect(server: Any, kind: type[Device] = Device) -> Device:
+        device = kind(server)
         opened.append(device)
         return device
 
@@ -187,6 +258,91 @@ def test_one_process_counts_a_known_workload(start, connect):
     assert again["series"]["t"] == [t for t in series["t"] if t > current["t"] - 3]
 
 
+def test_one_process_counts_a_known_webpush_workload_apart_from_the_puts(start, connect):
+    server, admin = start()
+    workload(server, 2, connect)  # 2 PUTs delivered live
+    devices = webpush_workload(server, 3, connect)
+    # Stored for a device that left, until the channel is full: 201s, then one 429.
+    chid = new_id()
+    endpoint = devices[0].register(chid)
+    devices[0].disconnect()
+    stored = 0
+    while (status := post(endpoint).status) == 201 and stored <= MAX_QUEUED:
+        stored += 1
+    assert (status, stored) == (429, MAX_QUEUED)
+    assert post(endpoint, headers={"TTL": None}).status == 400
+    assert post(server.url("/wpush/v1/not-a-token")).status == 404
+    too_long = b"x" * (MAX_WEBPUSH_BODY + 1)
+    assert post(endpoint, too_long, {"Content-Encoding": "aes128gcm"}).status == 413
+    gone = new_id()
+    gone_endpoint = devices[1].register(gone)
+    devices[1].unregister(gone)
+    assert post(gone_endpoint).status == 410
+    assert post(devices[2].register(new_id(), p256_key())).status == 401  # no VAPID on v2
+
+    refused = {
+        "post.throttled": 1,
+        "post.invalid": 1,
+        "post.invalid_token": 1,
+        "post.too_long": 1,
+        "post.unknown_channel": 1,
+        "post.unauthorized": 1,
+    }
+    incoming = 3 + stored + len(refused)
+    expected = {
+        "updates.appserver.incoming": 2,
+        "put.delivered": 2,
+        "updates.webpush.incoming": incoming,
+        "post.delivered": 3,
+        "post.stored": stored,
+        **refused,
+        "updates.webpush.invalid": 2,
+        "updates.webpush.toolong": 1,
+        "updates.webpush.gone": 1,
+        "updates.webpush.unauthorized": 1,
+        "updates.webpush.throttled": 1,
+        "updates.client.ack": 5,
+    }
+    current = stats_when(admin, settled(expected), "the WebPush workload's totals")
+    totals = current["totals"]
+    assert "post.routed" not in totals and "post.storage_error" not in totals
+    assert "updates.webpush.error" not in totals
+    # Latency: 3 WebPush deliveries in their own histogram, the PUTs' 2 in theirs.
+    webpush = current["webpush"]
+    assert webpush["latency_ms"]["count"] == 3 and current["latency_ms"]["count"] == 2
+    p50, p95, p99 = (webpush["latency_ms"][key] for key in ("p50", "p95", "p99"))
+    assert 0 < p50 <= p95 <= p99
+    assert set(webpush["rates"]) == {"incoming", "delivered", "stored", "routed", "rejected"}
+    assert set(webpush["rates"]["rejected"]) == {
+        "400",
+        "401+403",
+        "404",
+        "410",
+        "413",
+        "429",
+        "500",
+        "503",
+    }
+    assert current["rates"]["rejected"].keys() == {"400", "404", "413", "500", "503"}
+
+    # The WebPush series add up to the workload, and none of it leaks into the PUT ones.
+    series = current["series"]
+    events = {
+        "webpush_incoming": incoming,
+        "webpush_delivered": 3,
+        "webpush_stored": stored,
+        "webpush_routed": 0,
+        "webpush_rejected": len(refused),
+        "updates": 2,
+        "delivered": 2,
+        "stored": 0,
+        "rejected": 0,
+    }
+    for key, total in events.items():
+        assert round(sum(r * s for r, s in zip(series[key], series["span"], strict=True))) == total
+    assert sum(1 for v in series["webpush_p50"] if v is not None) >= 1
+
+
 def test_two_workers_with_memcached_count_the_whole_machine(request, connect):
     admin = free_port()
     server = request.getfixturevalue("cluster")(processes=2, admin_port=admin)
@@ -219,6 +375,29 @@ def test_two_workers_with_memcached_count_the_whole_machine(request, connect):
     assert sum(row["connections"] for row in rows) == current["connections"] == 20
     assert sum(row["memory_bytes"] for row in rows) == current["memory_bytes"]
     assert current["storage"]["ok"] is True
+
+
+def test_two_workers_count_webpush_routed_between_them(request, connect):
+    """POSTs landing on the worker not holding the device are routed, and still timed."""
+    admin = free_port()
+    server = request.getfixturevalue("cluster")(processes=2, admin_port=admin)
+    webpush_workload(server, 20, connect)
+
+    def complete(current: dict[str, Any]) -> bool:
+        totals = current["totals"]
+        delivered = totals.get("post.delivered", 0) + totals.get("post.routed", 0)
+        done = totals.get("updates.webpush.incoming") == 20 and delivered == 20
+        return done and current["devices"] == 20
+
+    current = stats_when(admin, complete, "both workers' WebPush totals")
+    assert current["totals"]["post.routed"] > 0
+    assert current["webpush"]["latency_ms"]["count"] == 20
+    assert current["latency_ms"]["count"] == 0
+    assert len(current["workers"]) == 2
+    series, totals = current["series"], current["totals"]
+    for key in ("delivered", "routed"):
+        plotted = zip(series[f"webpush_{key}"], series["span"], strict=True)
+        assert round(sum(r * s for r, s in plotted)) == totals.get(f"post.{key}", 0), key
 
 
 def test_a_replaced_worker_0_serves_the_dashboard_again(request):
@@ -379,3 +558,84 @@ def test_workers_add_up_second_by_second_and_a_silent_one_does_not_hold_the_view
     alone = view([a, b])
     assert alone["t"] == 119 and alone["devices"] == 5
     assert [row["up"] for row in alone["workers"]] == [True, False]
+
+
+def test_webpush_deliveries_have_their_own_histogram_rates_and_series():
+    stats = Stats()
+    for name, count in {
+        "updates.appserver.incoming": 2,
+        "put.delivered": 2,
+        "updates.webpush.incoming": 12,
+        "post.delivered": 4,
+        "post.routed": 1,
+        "post.stored": 2,
+        "post.invalid": 1,
+        "post.unauthorized": 2,
+        "post.unknown_channel": 1,
+        "post.throttled": 1,
+    }.items():
+        stats.incr(name, count)
+    for ms in (1.0, 1.0):
+        stats.delivered(ms)
+    for ms in (5.0, 5.0, 5.0, 5.0, 80.0):
+        stats.delivered(ms, webpush=True)
+    stats.take(100, {"devices": 3}, {})
+    current = view([Worker(0, 10, stats.samples, stats.totals, stats.status)])
+
+    webpush = current["webpush"]
+    assert webpush["rates"] == {
+        "incoming": 12.0,
+        "delivered": 4.0,
+        "stored": 2.0,
+        "routed": 1.0,
+        "rejected": {
+            "400": 1.0,
+            "401+403": 2.0,
+            "404": 0.0,
+            "410": 1.0,
+            "413": 0.0,
+            "429": 1.0,
+            "500": 0.0,
+            "503": 0.0,
+        },
+    }
+    five, eighty = (round(bucket_ms(bucket(ms)), 3) for ms in (5.0, 80.0))
+    assert webpush["latency_ms"] == {"p50": five, "p95": eighty, "p99": eighty, "count": 5}
+    # The PUT numbers keep their keys and count only PUTs.
+    assert current["latency_ms"]["count"] == 2
+    assert (current["rates"]["updates"], current["rates"]["delivered"]) == (2.0, 2.0)
+    assert set(current["rates"]) == {*RATES, "rejected"}
+    assert set(current["rates"]["rejected"]) == {"400", "404", "413", "500", "503"}
+    assert current["workers"][0]["webpush"] == {
+        "rates": {"incoming": 12.0, "delivered": 4.0, "stored": 2.0, "routed": 1.0}
+    }
+    series = current["series"]
+    assert (series["webpush_incoming"], series["webpush_rejected"]) == ([12.0], [5.0])
+    assert (series["webpush_p50"], series["webpush_p99"], series["p50"]) == (
+        [five],
+        [eighty],
+        [round(bucket_ms(bucket(1.0)), 3)],
+    )
+
+
+def test_webpush_latency_crosses_between_workers_and_an_older_export_still_reads():
+    """The per-second export is JSON on the wire (internal.py); worker 0 adds up second t."""
+    workers = [Worker(0, 0), Worker(1, 0)]
+    for index, ms in enumerate((2.0, 20.0)):
+        stats = Stats()
+        stats.incr("updates.webpush.incoming", 3)
+        stats.incr("post.routed", 3)
+        for _ in range(3):
+            stats.delivered(ms, webpush=True)
+        stats.take(200, {"devices": 1}, {})
+        workers[index].absorb(json.loads(json.dumps(stats.export(0, 100 + index))))
+    both = view(workers)
+    assert both["webpush"]["rates"]["incoming"] == 6.0
+    assert both["webpush"]["latency_ms"]["count"] == 6
+    assert both["webpush"]["latency_ms"]["p99"] == round(bucket_ms(bucket(20.0)), 3)
+    assert both["latency_ms"]["count"] == 0
+
+    old = {"t": 201, "span": 1, "counts": {}, "latency": {"3": 1}, "gauges": {}}
+    sample = Sample.from_json(old)
+    assert (sample.latency, sample.webpush_latency) == ({3: 1}, {})
+    assert Sample.from_json(sample.to_json()) == sample

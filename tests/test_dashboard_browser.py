@@ -3,10 +3,11 @@
 A console-script server with an [admin] token (and, in a second run, two
 workers on memcached routing to each other) runs under a small load
 (devices connecting and leaving, PUTs delivered, stored and rejected,
-acks). The browser opens /?token=..., the page polls /api/stats, and the
-test waits until every plot has points, then checks that every number on
-the page (elements with data-key) is the one /api/stats gives for the same
-sample (?at=<the page's data-t>), and saves a screenshot.
+WebPush POSTs delivered and rejected, acks). The browser opens
+/?token=..., the page polls /api/stats, and the test waits until every
+plot has points, then checks that every number on the page (elements with
+data-key, the WebPush ones included) is the one /api/stats gives for the
+same sample (?at=<the page's data-t>), and saves a screenshot.
 
 DASHBOARD_SCREENSHOT=docs/dashboard.png also copies the two workers'
 screenshot there, after DASHBOARD_WARMUP seconds of load (default 0) so
@@ -31,7 +32,7 @@ from tests.conftest import free_port, new_id
 from tests.test_cluster import Device, cluster, memcached_proc, put, token_key  # noqa: F401
 
 # `start`: the console-script server with its dashboard on
-from tests.test_dashboard import TOKEN, start, stats  # noqa: F401
+from tests.test_dashboard import TOKEN, WebPushDevice, post, start, stats  # noqa: F401
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -39,7 +40,9 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 PAGE_TIMEOUT = 30.0
 CHARTS = (
     "chart-updates",
+    "chart-webpush",
     "chart-latency",
+    "chart-webpush-latency",
     "chart-devices-traffic",
     "chart-devices",
     "chart-storage",
@@ -50,15 +53,16 @@ MIN_POINTS = 5
 class Load(threading.Thread):
     """A few devices under a slowly swelling and ebbing stream of PUTs, acks and reconnects."""
 
-    def __init__(self, server: Any, devices: int = 6) -> None:
+    def __init__(self, server: Any, devices: int = 6, webpush: int = 3) -> None:
         super().__init__(daemon=True)
         self.server = server
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.devices = [self._device() for _ in range(devices)]
+        self.webpush = [self._device(WebPushDevice) for _ in range(webpush)]
 
-    def _device(self) -> tuple[Device, str, str]:
-        device = Device(self.server)
+    def _device(self, kind: type[Device] = Device) -> tuple[Any, str, str]:
+        device = kind(self.server)
         device.hello()
         chid = new_id()
         return device, chid, device.register(chid)
@@ -74,6 +78,14 @@ class Load(threading.Thread):
                 device.ack((chid, version))
                 if version % 7 == 0:
                     assert put(self.server.url("/update/not-a-token"), "version=1").status == 404
+                # WebPush alongside: a POST delivered live and acked; now and then a refused one
+                pusher, pushed, push_endpoint = random.choice(self.webpush)
+                assert post(push_endpoint).status == 201
+                pusher.ack_version(pushed, pusher.receive(pushed))
+                if version % 5 == 0:
+                    assert post(self.server.url("/wpush/v1/not-a-token")).status == 404
+                if version % 9 == 0:
+                    assert post(push_endpoint, headers={"TTL": None}).status == 400
                 if version % 11 == 0:
                     index = random.randrange(len(self.devices))
                     self.devices[index][0].disconnect()
@@ -87,7 +99,7 @@ class Load(threading.Thread):
     def finish(self) -> None:
         self.stop.set()
         self.join(timeout=10)
-        for device, _, _ in self.devices:
+        for device, _, _ in self.devices + self.webpush:
             device.ws.close(timeout=0)
         if self.error is not None:
             raise self.error
@@ -161,6 +173,8 @@ def test_the_page_plots_live_numbers_that_match_the_json(browser, tmp_path, requ
                 and all(page["points"].get(chart, 0) >= MIN_POINTS for chart in CHARTS)
                 and json.loads(values.get("rates/delivered", "0")) > 0
                 and json.loads(values.get("latency_ms/p99", "null")) is not None
+                and json.loads(values.get("webpush/rates/incoming", "0")) > 0
+                and json.loads(values.get("webpush/latency_ms/p99", "null")) is not None
             )
             return page if ready else None
 
@@ -171,13 +185,23 @@ def test_the_page_plots_live_numbers_that_match_the_json(browser, tmp_path, requ
         assert {"devices", "rates/updates", "latency_ms/p50", "storage/ok", "memory_bytes"} <= set(
             keys
         )
+        webpush_keys = {"incoming", "delivered", "stored", "routed", "rejected/401+403"}
+        assert {f"webpush/rates/{key}" for key in webpush_keys} <= set(keys)
+        assert {f"webpush/latency_ms/{key}" for key in ("p50", "p95", "p99", "count")} <= set(keys)
+        assert {f"workers/{index}/webpush/rates/incoming" for index in range(processes)} <= set(
+            keys
+        )
         assert {f"workers/{index}/devices" for index in range(processes)} <= set(keys)
         if processes == 2:
             assert same["totals"].get("put.routed", 0) > 0
+            assert same["totals"].get("post.routed", 0) > 0
+        assert same["webpush"]["latency_ms"]["count"] > 0
+        assert same["totals"]["post.invalid_token"] > 0
         for key, raw, shown in page["shown"]:
             assert json.loads(raw) == lookup(same, key), key
             assert shown.strip() or key == "storage/error", key
-        assert page["lines"] >= 10
+        # every rate line (PUT 5, WebPush 5, traffic 3, devices 1), storage and both latencies
+        assert page["lines"] >= 18
         screenshot = tmp_path / "dashboard.png"
         height = browser.execute_script("return document.documentElement.scrollHeight")
         browser.set_window_size(1440, height + 16)

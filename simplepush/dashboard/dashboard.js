@@ -1,6 +1,6 @@
 // The operator dashboard: polls /api/stats every second and draws the last 15 minutes.
 //
-// Why hand-written SVG rather than a charting library: five line charts with
+// Why hand-written SVG rather than a charting library: seven line charts with
 // axes and a legend are about a hundred lines here, the package then ships no
 // third-party code to vendor, audit and keep up to date, and the page works
 // offline from the server's own files. SVG (not canvas) keeps every point in
@@ -15,7 +15,7 @@ const MARGIN = { left: 58, right: 14, top: 12, bottom: 26 };
 // Each chart: the series it draws from /api/stats, with labels and colours (CSS variables).
 const CHARTS = [
   {
-    id: "chart-updates", title: "Updates received per second", unit: "updates / s",
+    id: "chart-updates", title: "Updates received per second (PUT /update)", unit: "updates / s",
     lines: [["updates", "received", "received"], ["delivered", "delivered live", "delivered"],
       ["stored", "stored", "stored"], ["routed", "routed to a node", "routed"],
       ["rejected", "rejected or failed", "rejected"]],
@@ -23,6 +23,17 @@ const CHARTS = [
   {
     id: "chart-latency", title: "Delivery latency, PUT received → frame written", unit: "ms (log)",
     log: true, lines: [["p50", "p50", "delivered"], ["p95", "p95", "stored"], ["p99", "p99", "rejected"]],
+  },
+  {
+    id: "chart-webpush", title: "WebPush received per second (POST /wpush/)", unit: "messages / s",
+    lines: [["webpush_incoming", "received", "received"], ["webpush_delivered", "delivered live", "delivered"],
+      ["webpush_stored", "stored", "stored"], ["webpush_routed", "routed to a node", "routed"],
+      ["webpush_rejected", "rejected or failed", "rejected"]],
+  },
+  {
+    id: "chart-webpush-latency", title: "WebPush latency, POST received → frame written", unit: "ms (log)",
+    log: true,
+    lines: [["webpush_p50", "p50", "delivered"], ["webpush_p95", "p95", "stored"], ["webpush_p99", "p99", "rejected"]],
   },
   {
     id: "chart-devices-traffic", title: "Device traffic per second", unit: "events / s",
@@ -50,7 +61,7 @@ function fmtBytes(v) { return v == null ? "–" : (v / 1048576).toFixed(1) + " M
 
 function format(key, value) {
   if (key.startsWith("rates/") || key.includes("/rates/") || key.endsWith("/rate")) return fmtRate(value);
-  if (key.startsWith("latency_ms/") && key !== "latency_ms/count") return fmtMs(value);
+  if (/^(webpush\/)?latency_ms\//.test(key) && !key.endsWith("/count")) return fmtMs(value);
   if (key === "storage/rtt_ms") return fmtMs(value);
   if (key === "storage/ok") return value ? "OK" : "DOWN";
   if (key === "storage/error") return value || "";
@@ -79,7 +90,8 @@ function text(content) {
   return td;
 }
 
-const WORKER_COLUMNS = ["devices", "connections", "rates/connect", "rates/updates", "rates/delivered", "rates/acks", "memory_bytes"];
+const WORKER_COLUMNS = ["devices", "connections", "rates/connect", "rates/updates", "rates/delivered",
+  "webpush/rates/incoming", "rates/acks", "memory_bytes"];
 
 function renderWorkers(view) {
   const body = document.querySelector("#workers tbody");
@@ -238,6 +250,7 @@ function render(view) {
   document.getElementById("version").textContent = "version " + view.version;
   document.getElementById("rate-window").textContent = view.rate_window_s;
   document.getElementById("latency-window").textContent = view.latency_window_s;
+  document.querySelectorAll(".latency-window").forEach((el) => { el.textContent = view.latency_window_s; });
   const badge = document.getElementById("storage-badge");
   badge.textContent = view.storage.ok ? "storage OK" : "storage DOWN";
   badge.className = "badge " + (view.storage.ok ? "ok" : "bad");
