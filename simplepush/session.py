@@ -294,7 +294,8 @@ class Session:
         if removals:
             await node.store.remove(self.key, removals)
         if log.isEnabledFor(logging.DEBUG):
-            event(logging.DEBUG, "websocket.ack", uaid=self.uaid, acked=len(removals))
+            codes = sorted({code for _, _, code in ack.acks})
+            event(logging.DEBUG, "websocket.ack", uaid=self.uaid, acked=len(removals), codes=codes)
         if self._more and len(unacked) <= FLUSH_WINDOW // 2:
             await self._flush()
 
