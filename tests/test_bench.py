@@ -584,3 +584,29 @@ def test_bench_webpush_mode_posts_with_vapid_and_every_message_arrives(
         assert loop["server_cpu_us_per_round_trip"] > 0
     assert phases["open"]["skipped_no_idle_channel"] == 0
     assert (summary["errors"], summary["timeouts"], summary["sockets_dropped"]) == (0, 0, 0)
+
+
+def test_vapid_per_post_signs_every_post_anew_and_needs_webpush(
+    server: Server, tmp_path: Path
+) -> None:
+    """ES256 signatures are randomised: every header differs, so no server cache can answer."""
+    vapid = Vapid.generate()
+    origin = "http://127.0.0.1:8080"
+    assert vapid.headers(origin) != vapid.headers(origin)
+    refused = subprocess.run(
+        [sys.executable, "-m", "simplepush.bench.cli", "--vapid-per-post", "-n", "1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode == 2
+    assert "--vapid-per-post goes with --webpush" in refused.stderr
+    path = tmp_path / "report.json"
+    options = ["--webpush", "--vapid-per-post", "-n", "10", "-p", "1", "-d", "1", "-c", "4"]
+    done = run_bench(server, path, *options)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(path.read_text())
+    assert report["config"]["vapid_per_post"] is True
+    closed = report["phases"]["closed"]
+    assert closed["round_trips"] > 0 and closed["round_trips"] == closed["puts_sent"]
+    assert (closed["errors"], closed["timeouts"]) == (0, 0), closed["errors_by_kind"]

@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         "ack string versions with code 100",
     )
     p.add_argument(
+        "--vapid-per-post",
+        action="store_true",
+        help="with --webpush: sign a new VAPID JWT for every POST, so the server verifies "
+        "every signature (no cache can answer)",
+    )
+    p.add_argument(
         "--ca-file",
         default="",
         help="wss:// and https://: PEM certificate(s) to trust, e.g. a self-signed one;"
@@ -163,6 +169,8 @@ def plan_from(args: argparse.Namespace, start: float) -> Plan:
             f"a process can hold {per_process} devices (open-file limit): use "
             f"--processes {math.ceil(args.devices / per_process)} or more"
         )
+    if args.vapid_per_post and not args.webpush:
+        raise ValueError("--vapid-per-post goes with --webpush")
     vapid = Vapid.generate() if args.webpush else None
     workers, first = [], 0
     for i in range(processes):
@@ -182,12 +190,14 @@ def plan_from(args: argparse.Namespace, start: float) -> Plan:
                 http_conns=args.http_conns,
                 deadline=start + args.timeout - REPORT_GRACE,
                 vapid=vapid,
+                vapid_per_post=args.vapid_per_post,
             )
         )
         first += count
     config: dict[str, Any] = {
         "url": args.url,
         "protocol": "webpush" if args.webpush else "simplepush",
+        "vapid_per_post": args.vapid_per_post,
         "devices": args.devices,
         "processes": processes,
         "phases": phases,

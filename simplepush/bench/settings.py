@@ -85,3 +85,6 @@ class WorkerSettings:
     http_conns: int
     deadline: float  # time.monotonic() value; CLOCK_MONOTONIC is system-wide on Linux
     vapid: Vapid | None = None  # WebPush mode: the run's VAPID key pair; None = SimplePush
+    # WebPush: sign a new JWT for every POST, so that no server can answer from a cache of
+    # verified headers (measures VAPID verification itself).
+    vapid_per_post: bool = False

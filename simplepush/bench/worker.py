@@ -54,6 +54,7 @@ class Worker:
         vapid = settings.vapid
         self.bodies = Bodies() if vapid else None  # WebPush mode
         self.origin_headers: dict[str, bytes] = {}  # WebPush: endpoint origin -> POST headers
+        self.origins: dict[bytes, str] = {}  # and back, for --vapid-per-post
         self.shared = Shared(
             settings.ws.host,
             settings.ws_path,
@@ -128,6 +129,7 @@ class Worker:
             if origin not in self.origin_headers:
                 self.origin_headers[origin] = self.s.vapid.headers(origin)
             headers = self.origin_headers[origin]
+            self.origins[headers] = origin
         target = self.s.endpoint_base
         if target is None:
             if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -218,12 +220,14 @@ class Worker:
             method, delivered = b"POST", 201
             body, data = self.bodies.make(seq)
             got = device.expect(data)
+        headers = device.headers
+        if self.s.vapid_per_post:
+            assert self.s.vapid is not None
+            headers = self.s.vapid.headers(self.origins[headers])
         tally.attempts += 1
         try:
             async with asyncio.timeout(self.s.op_timeout):
-                status, _, sent = await device.pool.request(
-                    method, device.path, body, device.headers
-                )
+                status, _, sent = await device.pool.request(method, device.path, body, headers)
                 if due is not None:
                     tally.lag_ms.append((sent - due) * 1000)
                 if status == delivered:
