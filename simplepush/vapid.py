@@ -109,7 +109,7 @@ class Verifier:
             )
         except jwt.InvalidTokenError as exc:
             raise _invalid(f"VAPID token rejected: {exc}") from None
-        exp = claims["exp"]
+        exp = int(claims["exp"])  # PyJWT has checked it is a number (it accepts numeric strings)
         if exp > now + MAX_AHEAD + SKEW:
             raise _invalid("VAPID exp is more than 24 hours ahead")
         sub = claims.get("sub")

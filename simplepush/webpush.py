@@ -21,7 +21,7 @@ _TTL = re.compile(r"-?[0-9]{1,20}")
 URGENCIES = frozenset(("very-low", "low", "normal", "high"))
 # Quotes and trailing '=' of each parameter value: Firefox decodes dh and salt with
 # padding "reject" (WEBPUSH.md 2.4).
-_PARAMETER_PADDING = re.compile(r'"|=+(?=\s*[,;]|\s*$)')
+_PARAMETER_PADDING = re.compile(r"=+(?=\s*[,;]|\s*$)")
 _UUID_DASHED = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -155,7 +155,8 @@ def _params(value: str) -> dict[str, str]:
 
 
 def _clean(value: str) -> str:
-    return _PARAMETER_PADDING.sub("", value).strip()
+    """Quotes first, so that padding inside them (`salt="...=="`) is found too."""
+    return _PARAMETER_PADDING.sub("", value.replace('"', "")).strip()
 
 
 def crypto_headers(get: Callable[[str], str | None]) -> dict[str, str]:
