@@ -40,7 +40,7 @@ class Collector:
 
     def __init__(self, node: Node, peers: dict[int, str], secret: str) -> None:
         stats = node.stats
-        local = Worker(0, os.getpid(), stats.samples, stats.totals, stats.status)
+        local = Worker(0, os.getpid(), stats.samples, stats.totals, stats.status, stats.inherited)
         self._workers = [local] + [Worker(index, 0) for index in sorted(peers)]
         self._pools = {index: _pool(url) for index, url in peers.items()}
         self._auth = b"Authorization: Bearer %s\r\n" % secret.encode("ascii")

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from simplepush.logs import collector_address
+from simplepush.store.sqlite_file import Unusable, check_path
 from simplepush.tokens import is_valid_key
 
 
@@ -33,6 +34,7 @@ class ServerSettings:
     hello_timeout: float = 30.0
     max_channels: int = 200
     token_key: tuple[str, ...] = ()
+    token_key_file: str = ""  # read only while token_key is empty
     router_host: str = "127.0.0.1"
     router_port: int = 8090
     ssl_certfile: str = ""
@@ -48,8 +50,10 @@ class ServerSettings:
 
 @dataclass(frozen=True, slots=True)
 class StorageSettings:
-    backend: str = "memory"
+    backend: str = "sqlite"
     servers: tuple[str, ...] = ("127.0.0.1:11211",)
+    # sqlite's database file; load() makes a relative one relative to the config file.
+    path: str = "simplepush.db"
     pending_ttl: int = 3 * 86400
     uaid_ttl: int = 60 * 86400
     timeout: float = 5.0
@@ -57,7 +61,7 @@ class StorageSettings:
 
 @dataclass(frozen=True, slots=True)
 class LoggingSettings:
-    format: str = "json"
+    format: str = "auto"
     output: str = "stdout"
     level: str = "info"
     name: str = "simplepush"
@@ -180,7 +184,11 @@ def _admin_token(text: str) -> str:
 def _log_output(text: str) -> str:
     if not text:
         raise ValueError("must be stdout, stderr, a file path, udp://host:port or tcp://host:port")
-    collector_address(text)  # a malformed udp:// or tcp:// URL raises ValueError
+    collector = collector_address(text)  # a malformed udp:// or tcp:// URL raises ValueError
+    if collector is None and text not in ("stdout", "stderr"):
+        directory = os.path.dirname(text) or "."
+        if not os.path.isdir(directory):
+            raise ValueError(f"{text}: no such directory")
     return text
 
 
@@ -196,6 +204,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str], object]]] = {
         "hello_timeout": _seconds,
         "max_channels": _integer(1, 100_000),
         "token_key": _token_keys,
+        "token_key_file": str,
         "router_host": _nonempty,
         "router_port": _PORT,
         "ssl_certfile": str,
@@ -211,14 +220,15 @@ _SCHEMA: dict[str, dict[str, Callable[[str], object]]] = {
         "max_queued": _integer(1, 10_000),
     },
     "storage": {
-        "backend": _choice("memory", "memcached"),
+        "backend": _choice("sqlite", "memory", "memcached"),
         "servers": _host_ports,
+        "path": _nonempty,
         "pending_ttl": _integer(1, 3650 * 86400),
         "uaid_ttl": _integer(1, 3650 * 86400),
         "timeout": _timeout_up_to(60),
     },
     "logging": {
-        "format": _choice("json", "text"),
+        "format": _choice("auto", "json", "text"),
         "output": _log_output,
         "level": _choice("debug", "info", "warning", "error", "critical"),
         "name": _nonempty,
@@ -245,12 +255,17 @@ _SECTION_TYPES = {
 
 
 def load(path: str) -> Settings:
+    """The settings of config file `path`, token keys read from token_key_file if named."""
+    return _with_key_file(_parse(path))
+
+
+def _parse(path: str) -> Settings:
     parser = configparser.ConfigParser(
         inline_comment_prefixes=(";", "#"), interpolation=None, default_section="\0"
     )
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     if not os.path.isfile(path):
-        raise ConfigError(f"{path}: no such file")
+        raise ConfigError(f"{path}: {_NO_SUCH_FILE}")
     try:
         with open(path, encoding="utf-8") as handle:
             parser.read_file(handle)
@@ -273,6 +288,7 @@ def load(path: str) -> Settings:
                     raise ConfigError(f"{path}: [{section}] {key}: {exc}") from None
         sections[section] = _SECTION_TYPES[section](**values)
     settings = Settings(path=path, **sections)  # type: ignore[arg-type]
+    settings = _database_beside(settings)
     _check_together(settings)
     if not settings.admin.host:
         admin = dataclasses.replace(settings.admin, host=settings.server.router_host)
@@ -280,9 +296,70 @@ def load(path: str) -> Settings:
     return settings
 
 
+_NO_SUCH_FILE = "no such file"
+
+
+def _file_problem(exc: OSError | UnicodeDecodeError) -> str:
+    """What is wrong with a file, in the words every message about a file uses."""
+    if isinstance(exc, FileNotFoundError):
+        return _NO_SUCH_FILE
+    if isinstance(exc, UnicodeDecodeError):
+        return "cannot be read: not text"
+    return f"cannot be read: {exc.strerror or exc}"
+
+
+def key_file_path(settings: Settings) -> str:
+    """token_key_file, a relative one taken from the config file's directory."""
+    return os.path.join(os.path.dirname(settings.path), settings.server.token_key_file)
+
+
+def _with_key_file(settings: Settings) -> Settings:
+    """token_key from token_key_file; an inline token_key wins, so older configs keep theirs."""
+    server = settings.server
+    if server.token_key or not server.token_key_file:
+        return settings
+    path = key_file_path(settings)
+    where = f"{settings.path}: [server] token_key_file: {path}"
+    try:
+        with open(path, encoding="ascii") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        hint = f"; `simplepush genkey --fill --config {settings.path}` makes one"
+        missing = isinstance(exc, FileNotFoundError)
+        raise ConfigError(f"{where}: {_file_problem(exc)}{hint if missing else ''}") from None
+    try:
+        keys = _token_keys(",".join(text.split()))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if not keys:
+        raise ConfigError(f"{where}: is empty; put `simplepush genkey`'s output in it")
+    return dataclasses.replace(settings, server=dataclasses.replace(server, token_key=keys))
+
+
 def worker_count(server: ServerSettings) -> int:
     """`processes`, where 0 means one per CPU."""
     return server.processes or os.cpu_count() or 1
+
+
+def needs_router(settings: Settings) -> bool:
+    """Whether workers listen on router ports: another node may hold a device.
+
+    memcached is shared by every node of every machine; sqlite by the
+    workers of one server; a lone process (or the memory backend) has no one
+    to route to, so it binds no router port.
+    """
+    backend = settings.storage.backend
+    return backend == "memcached" or (backend == "sqlite" and worker_count(settings.server) > 1)
+
+
+def _database_beside(settings: Settings) -> Settings:
+    """A relative [storage] path is relative to the config file, not to the working directory."""
+    storage = settings.storage
+    if os.path.isabs(storage.path):
+        return settings
+    directory = os.path.dirname(os.path.abspath(settings.path))
+    storage = dataclasses.replace(storage, path=os.path.join(directory, storage.path))
+    return dataclasses.replace(settings, storage=storage)
 
 
 def _check_together(settings: Settings) -> None:
@@ -299,17 +376,23 @@ def _check_together(settings: Settings) -> None:
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(
                 f"{path}: [server] ssl_certfile: cannot load {server.ssl_certfile}"
-                f" with {server.ssl_keyfile}: {exc.strerror or exc}"
+                f" with {server.ssl_keyfile}:"
+                f" {_NO_SUCH_FILE if isinstance(exc, FileNotFoundError) else exc.strerror or exc}"
             ) from None
     if server.processes != 1 and settings.storage.backend == "memory":
         raise ConfigError(
             f"{path}: [server] processes: the memory backend serves one process;"
-            " set processes = 1 (several processes need backend = memcached)"
+            " set processes = 1 (several processes need backend = sqlite or memcached)"
         )
+    if settings.storage.backend == "sqlite":
+        try:
+            check_path(settings.storage.path)
+        except Unusable as exc:
+            raise ConfigError(f"{path}: [storage] path: {exc}") from None
     if admin.port and admin.port == server.port:
         raise ConfigError(f"{path}: [admin] port: {admin.port} is [server] port; pick another")
     routers = range(server.router_port, server.router_port + worker_count(server))
-    if admin.port in routers and settings.storage.backend == "memcached":
+    if admin.port in routers and needs_router(settings):
         raise ConfigError(
             f"{path}: [admin] port: {admin.port} is a worker's router port"
             f" ({routers.start} to {routers.stop - 1}); pick another"
@@ -326,8 +409,43 @@ def tls_context(server: ServerSettings) -> ssl.SSLContext:
 _EMPTY_TOKEN_KEY = re.compile(r"^(token_key[ \t]*=)[ \t]*(;.*)?$", re.MULTILINE)
 
 
-def fill_token_key(path: str, key: str) -> bool:
-    """Write key into an empty token_key line, keeping its comment; False if one is set."""
+def ensure_token_key(path: str, key: str) -> str:
+    """What install.sh runs: give the config `key` where it has none; says where, or "".
+
+    A config naming token_key_file gets that file, created 0600 (an existing
+    one is kept, whatever it holds, and then checked); an older config
+    without one gets the key written into its empty token_key line.
+    """
+    settings = _parse(path)
+    server = settings.server
+    written = ""
+    if server.token_key_file and not server.token_key:
+        key_path = key_file_path(settings)
+        try:
+            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            why = "no such directory" if isinstance(exc, FileNotFoundError) else exc.strerror
+            raise ConfigError(
+                f"{path}: [server] token_key_file: {key_path}: cannot be created: {why}"
+            ) from None
+        else:
+            with os.fdopen(fd, "w", encoding="ascii") as handle:
+                handle.write(key + "\n")
+            written = f"wrote a new key into {key_path}"
+    elif not server.token_key:
+        try:
+            if _fill_inline(path, key):
+                written = f"wrote a new token_key into {path}"
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot be written: {exc.strerror}") from None
+    load(path)  # a key file that was there already must hold keys
+    return written
+
+
+def _fill_inline(path: str, key: str) -> bool:
+    """Write key into an empty token_key line, keeping its comment; False if there is none."""
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
     filled, count = _EMPTY_TOKEN_KEY.subn(

@@ -2,7 +2,9 @@
 
 Code logs events through `event()`: a dotted Type and flat Fields. The
 formatter is python-json-logger's, shaped into the envelope of DESIGN.md
-section 3; `format = text` gives readable lines for a terminal instead.
+section 3; `format = text` gives readable lines for a terminal instead, and
+`format = auto` picks text when the output is a terminal, so that a first
+run reads well and files, pipes and collectors (Heka) still get JSON.
 
 Lines go to stdout, stderr, a file (reopened on SIGHUP for logrotate) or a
 udp:// or tcp:// collector. A collector must never slow the server down:
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import queue
@@ -40,6 +43,8 @@ _SEVERITY = {
 
 # Warning and error events by Type, counted at any log level: the dashboard's "errors by kind".
 _problems: dict[str, int] = {}
+# In a worker, those its supervisor had logged when it forked it: every worker has the same.
+_inherited: dict[str, int] = {}
 
 
 def event(level: int, type_: str, **fields: Any) -> None:
@@ -59,6 +64,11 @@ def exception(type_: str) -> None:
 def problems() -> dict[str, int]:
     """How many warning and error events of each Type this process logged (or would have)."""
     return dict(_problems)
+
+
+def inherited_problems() -> dict[str, int]:
+    """`problems()` of the supervisor as it forked this worker; empty without one."""
+    return dict(_inherited)
 
 
 def severity(levelno: int) -> int:
@@ -95,7 +105,10 @@ class MozlogFormatter(JsonFormatter):
 
 
 class TextFormatter(logging.Formatter):
-    """`2026-11-28 10:00:00 INFO websocket.hello uaid=... status=200` for people."""
+    """`2026-11-28 10:00:00 INFO websocket.hello uaid=... status=200` for people.
+
+    A value with a space, quote or `=` is quoted, so that each pair reads as one.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
@@ -103,11 +116,18 @@ class TextFormatter(logging.Formatter):
         if fields is None:
             text = f"{stamp} {record.levelname} {record.name} {record.getMessage()}"
         else:
-            pairs = " ".join(f"{key}={value}" for key, value in fields.items())
+            pairs = " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
             text = f"{stamp} {record.levelname} {record.msg} {pairs}".rstrip()
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text
+
+
+def _text_value(value: Any) -> str:
+    text = str(value)
+    if not text or any(char in text for char in ' "=\t\n'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
 
 
 def collector_address(output: str) -> tuple[str, str, int] | None:
@@ -302,9 +322,10 @@ _collectors: weakref.WeakSet[CollectorHandler] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    """A worker counts its own drops and runs its own sender thread and connection."""
-    global _dropped, _dropped_lock
+    """A worker counts its own drops and problems, and runs its own sender thread and connection."""
+    global _dropped, _dropped_lock, _problems, _inherited
     _dropped, _dropped_lock = 0, threading.Lock()
+    _problems, _inherited = {}, _problems
     for handler in list(_collectors):
         handler._after_fork()
 
@@ -343,6 +364,17 @@ def reopen() -> None:
                 event(logging.INFO, "logging.reopened", path=handler.baseFilename)
 
 
+def _json(fmt: str, handler: logging.Handler) -> bool:
+    """`auto` is JSON unless the handler writes to a terminal, where a person reads."""
+    if fmt != "auto":
+        return fmt == "json"
+    stream = getattr(handler, "stream", None)
+    try:
+        return not (stream is not None and stream.isatty())
+    except ValueError:  # a closed stream
+        return True
+
+
 def setup(fmt: str, output: str, level: str, name: str) -> None:
     """Route every simplepush and tornado log record to one handler."""
     collector = collector_address(output)
@@ -354,7 +386,7 @@ def setup(fmt: str, output: str, level: str, name: str) -> None:
         handler = logging.StreamHandler(sys.stderr)
     else:
         handler = ReopeningFileHandler(output)
-    handler.setFormatter(MozlogFormatter(name) if fmt == "json" else TextFormatter())
+    handler.setFormatter(MozlogFormatter(name) if _json(fmt, handler) else TextFormatter())
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)

@@ -3,7 +3,7 @@
 `parse` turns one text frame into a typed message or a rejection; the
 builders turn outcomes into reply frames. Nothing here touches sockets,
 storage or the clock, so every rule of PROTOCOL.md sections 2-3 and
-WEBPUSH.md section 1 can be tested as a plain function (the style of h11).
+docs/WEBPUSH.md can be tested as a plain function (the style of h11).
 A hello with `use_webpush: true` makes the session WebPush; the session
 passes its kind back to `parse` for every later frame.
 """
@@ -189,7 +189,7 @@ def _parse(text: str, identified: bool) -> Outcome:
 
 
 def _parse_webpush(text: str) -> Outcome:
-    """A frame after a WebPush hello: nothing Firefox sends closes the socket (WEBPUSH.md 1.10).
+    """A frame after a WebPush hello: nothing Firefox sends closes the socket (docs/WEBPUSH.md).
 
     Unknown or malformed commands are ignored; only frames that are not JSON
     objects close, as in SimplePush.
@@ -255,7 +255,7 @@ def _parse_hello(obj: dict[str, Any]) -> Outcome:
         if key is None:
             if not webpush:
                 return Reject(error_reply(obj, 503), close=True)
-            # Firefox cannot be told to retry: it gets a new UAID (WEBPUSH.md 6.1).
+            # Firefox cannot be told to retry: it gets a new UAID (docs/WEBPUSH.md).
             uaid = key = ""
     return Hello(obj, uaid, key, len(channel_ids), _parse_wakeup(obj), webpush)
 
@@ -277,7 +277,7 @@ def _parse_wakeup(obj: dict[str, Any]) -> Wakeup | None:
         mcc, mnc, netid = network.get("mcc"), network.get("mnc"), network.get("netid")
         if not (_is_numeric(mcc) and _is_numeric(mnc)):
             return None
-        if netid is not None and type(netid) is not str:
+        if netid is not None and not _is_printable_ascii(netid):
             return None
     return Wakeup(ip, port, mcc, mnc, netid)
 
@@ -288,6 +288,11 @@ def _is_ip_literal(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _is_printable_ascii(value: object) -> bool:
+    """A network id every store can keep: no control characters, nothing UTF-8 cannot encode."""
+    return type(value) is str and len(value) <= 64 and value.isascii() and value.isprintable()
 
 
 def _is_numeric(value: object) -> bool:
@@ -348,7 +353,7 @@ def error_reply(request: dict[str, Any], status: int, error: str | None = None) 
 
 def hello_reply(uaid: str, webpush: bool = False) -> str:
     if webpush:
-        # Firefox turns data on from use_webpush; broadcasts: none served (WEBPUSH.md 7.6).
+        # Firefox turns data on from use_webpush; broadcasts: none served (docs/WEBPUSH.md).
         return _dump(
             {
                 "messageType": "hello",

@@ -2,9 +2,10 @@
 
 It reads what the hot paths do not keep: open sockets, identified devices,
 the process's resident memory, the health and round-trip time of a storage
-check, and the warning and error events logged. Samples are taken on whole
-wall-clock seconds, so that second t of every worker covers the same second
-and the workers' samples add up.
+check, and the warning and error events logged since the process began (so
+the first sample has the start-up's, such as the memory backend's warning).
+Samples are taken on whole wall-clock seconds, so that second t of every
+worker covers the same second and the workers' samples add up.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import math
 import time
 
-from simplepush.logs import problems
+from simplepush.logs import inherited_problems, problems
 from simplepush.node import Node
 from simplepush.stats import ERROR_PREFIX
 from simplepush.store import StoreError
@@ -31,8 +32,8 @@ def resident_bytes(status_path: str = "/proc/self/status") -> int:
     return 0
 
 
-def _errors() -> dict[str, int]:
-    return {ERROR_PREFIX + kind: count for kind, count in problems().items()}
+def _errors(counts: dict[str, int]) -> dict[str, int]:
+    return {ERROR_PREFIX + kind: count for kind, count in counts.items()}
 
 
 class Sampler:
@@ -44,7 +45,7 @@ class Sampler:
         self._storage_rtt_ms: float | None = None
 
     def start(self) -> None:
-        self._node.stats.baseline(_errors())
+        self._node.stats.inherited.update(_errors(inherited_problems()))
         self._check = asyncio.ensure_future(self._check_storage())
         self._task = asyncio.ensure_future(self._run())
 
@@ -71,7 +72,7 @@ class Sampler:
             gauges["storage_rtt_ms"] = self._storage_rtt_ms
         node.stats.status["last_error"] = node.last_storage_error
         node.stats.status["last_error_at"] = node.last_storage_error_at
-        node.stats.take(second, gauges, _errors())
+        node.stats.take(second, gauges, _errors(problems()))
         if self._check is None or self._check.done():
             self._check = asyncio.ensure_future(self._check_storage())
 

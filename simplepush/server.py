@@ -22,6 +22,7 @@ from simplepush.config import (
     ServerSettings,
     Settings,
     StorageSettings,
+    needs_router,
     tls_context,
     worker_count,
 )
@@ -37,6 +38,8 @@ from simplepush.stats import Stats
 from simplepush.store import Store
 from simplepush.store.memcached import MemcachedStore
 from simplepush.store.memory import MemoryStore
+from simplepush.store.sqlite import SqliteStore
+from simplepush.store.sqlite_file import Unusable
 from simplepush.supervisor import supervise
 from simplepush.tokens import TokenCodec, generate_key
 from simplepush.vapid import Verifier
@@ -53,7 +56,21 @@ SWEEP_INTERVAL_MS = 1000
 
 
 def build_store(storage: StorageSettings) -> Store:
-    """The configured backend; only the memory one loses its state on restart, so it warns."""
+    """The configured backend; only the memory one loses its state on restart, so it warns.
+
+    An sqlite file that cannot be used is a config error (exit 2): config.py
+    checks what it can without opening it, and this catches the rest.
+    """
+    if storage.backend == "sqlite":
+        try:
+            return SqliteStore(
+                storage.path,
+                pending_ttl=storage.pending_ttl,
+                uaid_ttl=storage.uaid_ttl,
+                timeout=storage.timeout,
+            )
+        except Unusable as exc:
+            raise ConfigError(f"[storage] path: {exc}") from None
     if storage.backend == "memcached":
         return MemcachedStore(
             storage.servers,
@@ -207,9 +224,9 @@ def listen(settings: Settings, count: int) -> list[list]:
 
 
 def listen_internal(settings: Settings, count: int) -> list[list]:
-    """Worker i's internal listener on router_port + i; only shared storage needs one."""
+    """Worker i's internal listener on router_port + i, where another node may hold a device."""
     server = settings.server
-    if settings.storage.backend == "memory":
+    if not needs_router(settings):
         return [[] for _ in range(count)]
     return [
         _bind(settings, "router_port", server.router_host, server.router_port + index, False)
@@ -253,7 +270,7 @@ async def serve(
 ) -> None:
     """Worker `index`; the one given the `admin` sockets serves the dashboard for all."""
     node = build_node(settings, index)
-    http_server = public_server(make_app(node), settings.server)
+    http_server = public_server(make_app(node, settings.admin), settings.server)
     http_server.add_sockets(public)
     secrets = router_secrets(list(settings.server.token_key))
     internal_servers = await serve_internal(node, secrets, internal)

@@ -177,11 +177,11 @@ class Session:
         registry.arrive(key, self)
         try:
             # A WebPush UAID is echoed only if the server knows it: Firefox keeps its
-            # subscriptions exactly when it gets its own UAID back (WEBPUSH.md 1.3).
+            # subscriptions exactly when it gets its own UAID back (docs/WEBPUSH.md).
             create = outcome != "known" or not webpush
             other = await store.hello(key, hello.wakeup, holder, webpush, create)
         except WrongUAID:
-            # Unknown, or of the other kind: start over under a new UAID (WEBPUSH.md 7.8).
+            # Unknown, or of the other kind: start over under a new UAID (docs/WEBPUSH.md).
             registry.arrived(key, self)
             await store.drop(key)
             key = uaid = new_uaid()
@@ -280,7 +280,7 @@ class Session:
             )
 
     async def _webpush_ack(self, ack: WebPushAck) -> None:
-        """Every code removes the message: a retry would fail again (WEBPUSH.md 1.6)."""
+        """Every code removes the message: a retry would fail again (docs/WEBPUSH.md)."""
         node = self._node
         node.metrics.incr("updates.client.ack")
         unacked = self._unacked

@@ -9,6 +9,11 @@ Once a second the sampler (sampler.py) calls `Stats.take`, which turns the
 counters into that second's deltas: rates are deltas per second, and the
 deltas of several workers add up. `view` turns the samples of one or more
 workers into the JSON that /api/stats answers and the page draws.
+
+Warning and error events count from the process's start, those logged
+before the first sample included. A worker also carries the counts its
+supervisor had when it forked it (`inherited`); every worker has them, so
+the view takes the highest, not the sum.
 """
 
 from __future__ import annotations
@@ -154,7 +159,16 @@ def _histogram(data: dict[str, Any]) -> dict[int, int]:
 class Stats:
     """One worker's counters and its last HISTORY samples."""
 
-    __slots__ = ("_base", "counts", "latency", "samples", "status", "totals", "webpush_latency")
+    __slots__ = (
+        "_base",
+        "counts",
+        "inherited",
+        "latency",
+        "samples",
+        "status",
+        "totals",
+        "webpush_latency",
+    )
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}  # cumulative since start, fed by hot paths
@@ -163,6 +177,7 @@ class Stats:
         self.samples: deque[Sample] = deque(maxlen=HISTORY)
         self.totals: dict[str, int] = {}  # cumulative as of the last sample
         self.status: dict[str, Any] = {}  # storage's words: error texts and when
+        self.inherited: dict[str, int] = {}  # the supervisor's event counts at this fork
         self._base: dict[str, int] = {}
 
     def incr(self, name: str, count: int = 1) -> None:
@@ -174,10 +189,6 @@ class Stats:
         index = bucket(ms)
         latency = self.webpush_latency if webpush else self.latency
         latency[index] = latency.get(index, 0) + 1
-
-    def baseline(self, extra: dict[str, int]) -> None:
-        """Counts from outside (log events since the process began) start from here."""
-        self._base.update(extra)
 
     def take(self, t: int, gauges: dict[str, float], extra: dict[str, int]) -> Sample:
         """Close second `t`: counter deltas since the last sample, and its deliveries."""
@@ -203,6 +214,7 @@ class Stats:
             "pid": pid,
             "totals": self.totals,
             "status": self.status,
+            "inherited": self.inherited,
             "samples": [sample.to_json() for sample in self.samples if sample.t > since],
         }
 
@@ -216,6 +228,7 @@ class Worker:
     samples: deque[Sample] = field(default_factory=lambda: deque(maxlen=HISTORY))
     totals: dict[str, int] = field(default_factory=dict)
     status: dict[str, Any] = field(default_factory=dict)
+    inherited: dict[str, int] = field(default_factory=dict)
 
     @property
     def last(self) -> int:
@@ -229,6 +242,7 @@ class Worker:
             self.samples.clear()
         self.totals = export["totals"]
         self.status = export["status"]
+        self.inherited = export.get("inherited", {})  # absent from an older worker's
         for data in export["samples"]:
             sample = Sample.from_json(data)
             if sample.t > self.last:
@@ -274,6 +288,8 @@ def _rates(
 ) -> dict[str, Any]:
     rates: dict[str, Any] = {key: _rate(samples, (name,)) for key, name in plain.items()}
     rates["rejected"] = {status: _rate(samples, names) for status, names in rejected.items()}
+    every = [name for names in rejected.values() for name in names]
+    rates["rejected"]["all"] = _rate(samples, every)  # the plots' one "rejected or failed" line
     return rates
 
 
@@ -304,6 +320,15 @@ def _totals_at(worker: Worker, t: int) -> dict[str, int]:
         for name, value in sample.counts.items():
             totals[name] = totals.get(name, 0) - value
     return totals
+
+
+def _highest(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    """The supervisor's counts as of its latest fork: each worker has a copy, some older."""
+    highest: dict[str, int] = {}
+    for each in counts:
+        for name, value in each.items():
+            highest[name] = max(highest.get(name, 0), value)
+    return highest
 
 
 def _summed(totals: Iterable[dict[str, int]]) -> dict[str, int]:
@@ -384,10 +409,14 @@ def view(workers: Sequence[Worker], at: int | None = None, since: int = 0) -> di
     gauges = latest.gauges
     recent = merged[-RATE_WINDOW:]
     latency_window = [s for s in merged if s.t > t - LATENCY_WINDOW]
-    totals = _summed(_totals_at(worker, t) for worker in live)
+    totals = _summed(
+        [*(_totals_at(worker, t) for worker in live), _highest(w.inherited for w in live)]
+    )
     errors = [name for name in totals if name.startswith(ERROR_PREFIX)]
     return {
         "t": t,
+        # The oldest second held: the server's start, until HISTORY seconds have passed.
+        "start_t": min(worker.samples[0].t for worker in live),
         "rate_window_s": RATE_WINDOW,
         "latency_window_s": LATENCY_WINDOW,
         "devices": gauges.get("devices", 0),

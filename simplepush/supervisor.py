@@ -47,7 +47,7 @@ def supervise(
             try:
                 code = work(index)
             except BaseException:
-                logging.getLogger("simplepush").exception("worker.crashed")
+                logs.exception("worker.crashed")
             finally:
                 logging.shutdown()
                 os._exit(code)

@@ -7,7 +7,7 @@ accepts every listed key, which is how keys rotate.
 A SimplePush token holds the UAID and channelID as 16 raw bytes each. The
 WebPush kinds start with a kind byte, so that no token of one kind is
 accepted where another is expected: a v1 endpoint adds nothing more, a v2
-endpoint adds sha256 of the application server's key (WEBPUSH.md 2.1), and
+endpoint adds sha256 of the application server's key (docs/WEBPUSH.md), and
 a message id (the `Location` of a 201) adds the message's 16-byte id.
 """
 

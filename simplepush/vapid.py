@@ -68,7 +68,7 @@ class Verifier:
         self.verified = 0  # signatures checked (not answered from the cache), for the bench
 
     def check(self, authorization: str | None, crypto_key: str | None, bound: bytes | None) -> None:
-        """Return if the POST may go on; Refused(401/403) if not (WEBPUSH.md 7.1).
+        """Return if the POST may go on; Refused(401/403) if not (docs/WEBPUSH.md).
 
         bound is the key hash of a v2 endpoint, which makes VAPID mandatory.
         """
@@ -113,9 +113,7 @@ class Verifier:
         if exp > now + MAX_AHEAD + SKEW:
             raise _invalid("VAPID exp is more than 24 hours ahead")
         sub = claims.get("sub")
-        if sub is not None and not (
-            type(sub) is str and sub.startswith(("mailto:", "https:"))
-        ):
+        if sub is not None and not (type(sub) is str and sub.startswith(("mailto:", "https:"))):
             raise _invalid("VAPID sub must be a mailto: or https: URI")
         return hashlib.sha256(raw).digest(), float(exp)
 

@@ -29,6 +29,7 @@ from tornado.iostream import SSLIOStream
 from tornado.web import Application, HTTPError, RequestHandler
 
 from simplepush import __version__, endpoint, logs, webpush_endpoint
+from simplepush.config import AdminSettings
 from simplepush.connection import DeviceConnection
 from simplepush.logs import event
 from simplepush.node import Node
@@ -45,11 +46,17 @@ UPDATE_PREFIX = "/update/"
 class DeviceSocket(RequestHandler):
     """The WebSocket upgrade; the socket then belongs to a DeviceConnection (see wsframes.py)."""
 
-    def initialize(self, node: Node) -> None:
+    def initialize(self, node: Node, landing: bytes) -> None:
         self._node = node
+        self._landing = landing
 
     async def get(self, *args: str) -> None:
         node = self._node
+        if not any(name in self.request.headers for name in WEBSOCKET_HEADERS):
+            # A browser or curl, not a device: say where they are and where to go.
+            self.set_header("Content-Type", "text/plain; charset=utf-8")
+            self.finish(self._landing)
+            return
         if len(node.registry) >= node.max_connections:
             event(logging.WARNING, "websocket.refused", reason="max_connections")
             raise HTTPError(503, reason="Too Many Connections")
@@ -76,6 +83,42 @@ class DeviceSocket(RequestHandler):
         await loop.connect_accepted_socket(
             lambda: DeviceConnection(node, handshake, ahead), sock=sock
         )
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """A method other than GET answers as the endpoints do; the upgrade's errors as ever."""
+        if status_code != 405:
+            super().write_error(status_code, **kwargs)
+            return
+        self.set_header("Allow", "GET")
+        self.set_header("Content-Type", "application/json")
+        self.finish(error_body(405, self._reason))
+
+
+# A request with none of these is not a WebSocket client's (RFC 6455 4.1).
+WEBSOCKET_HEADERS = ("Upgrade", "Sec-WebSocket-Key", "Sec-WebSocket-Version")
+
+
+def landing_text(admin: AdminSettings | None) -> bytes:
+    """The public port's answer to a plain GET: what it is, where app servers and operators go.
+
+    A dashboard on a loopback address is named; another address is not, as
+    this answer is public and the dashboard's address should not be.
+    """
+    if admin is None or not admin.port:
+        dashboard = "The dashboard is off ([admin] port = 0)."
+    elif admin.host in ("localhost", "::1") or admin.host.startswith("127."):
+        host = f"[{admin.host}]" if ":" in admin.host else admin.host
+        dashboard = f"The dashboard is on the server's machine: http://{host}:{admin.port}/"
+    else:
+        dashboard = "The dashboard is on the private address of [admin] host and port."
+    return (
+        f"simplepush {__version__}: a push server. This is its WebSocket endpoint for devices"
+        " (ws:// or wss://, any path); it has no page.\n"
+        "App servers send to the endpoint URLs devices get: PUT /update/<token> (SimplePush),"
+        " POST /wpush/v1/<token> or /wpush/v2/<token> (WebPush).\n"
+        "Health: GET /status, GET /realstatus.\n"
+        f"{dashboard}\n"
+    ).encode()
 
 
 def _handshake(headers: HTTPHeaders) -> bytes | HTTPError:
@@ -115,7 +158,12 @@ class JSONHandler(RequestHandler):
         self.finish(json.dumps(body, separators=(",", ":")))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        self.finish(json.dumps({"status": status_code, "error": self._reason}))
+        self.finish(error_body(status_code, self._reason))
+
+
+def error_body(status: int, reason: str) -> str:
+    """An error answer's body, compact as endpoint.py writes its own."""
+    return json.dumps({"status": status, "error": reason}, separators=(",", ":"))
 
 
 class UpdateHandler(JSONHandler):
@@ -266,7 +314,7 @@ def refuse(connection: HTTPConnection, status: int, limit: str) -> None:
     """Answer `status` now; the caller finishes the exchange once the body has been read."""
     event(logging.INFO, "http.refused", status=status, limit=limit)
     connection.set_max_body_size(_DRAIN)
-    body = json.dumps({"status": status, "error": responses[status]}).encode()
+    body = error_body(status, responses[status]).encode()
     _write_answer(connection, status, body, {"Date": _http_date()})
 
 
@@ -482,6 +530,12 @@ class RealStatusHandler(JSONHandler):
         except StoreError as exc:
             error = node.storage_failed("check", exc, logging.WARNING)
         rtt_ms = round((time.monotonic() - start) * 1000, 3)
+        data: dict[str, Any] = {}
+        if not error:
+            try:
+                data = await node.store.stats()
+            except StoreError as exc:
+                error = node.storage_failed("stats", exc, logging.WARNING)
         ok = not error
         self.write_json(
             200 if ok else 503,
@@ -496,6 +550,7 @@ class RealStatusHandler(JSONHandler):
                     "rtt_ms": rtt_ms,
                     "last_error": node.last_storage_error,
                     "last_error_at": node.last_storage_error_at,
+                    **data,
                 },
                 "uptime_s": round(time.time() - node.started_at, 3),
                 "version": __version__,
@@ -503,7 +558,8 @@ class RealStatusHandler(JSONHandler):
         )
 
 
-def make_app(node: Node) -> FrontDoor:
+def make_app(node: Node, admin: AdminSettings | None = None) -> FrontDoor:
+    """The public port; `admin` is only named in the answer to a plain GET (None: no dashboard)."""
     args = {"node": node}
     app = Application(
         [
@@ -511,7 +567,7 @@ def make_app(node: Node) -> FrontDoor:
             (r"/(?:wpush|m)/(.*)", WebPushHandler),
             (r"/status/?", StatusHandler, args),
             (r"/realstatus/?", RealStatusHandler, args),
-            (r".*", DeviceSocket, args),
+            (r".*", DeviceSocket, {**args, "landing": landing_text(admin)}),
         ],
         log_function=_log_request,
     )

@@ -1,6 +1,6 @@
 """WebPush messages and the rules of an app server's POST, without I/O.
 
-What RFC 8030 and RFC 8291 ask of the push service (WEBPUSH.md sections
+What RFC 8030 and RFC 8291 ask of the push service (docs/WEBPUSH.md
 2.2-2.6 and 7): the TTL, Topic, Urgency and crypto headers of a POST,
 checked and turned into the Message that is stored and sent to the device.
 The server never decrypts: the body is relayed as it came.
@@ -20,7 +20,7 @@ _TOPIC = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _TTL = re.compile(r"-?[0-9]{1,20}")
 URGENCIES = frozenset(("very-low", "low", "normal", "high"))
 # Quotes and trailing '=' of each parameter value: Firefox decodes dh and salt with
-# padding "reject" (WEBPUSH.md 2.4).
+# padding "reject" (docs/WEBPUSH.md).
 _PARAMETER_PADDING = re.compile(r"=+(?=\s*[,;]|\s*$)")
 _UUID_DASHED = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -114,7 +114,7 @@ def b64url_encode(raw: bytes) -> str:
 
 
 def check_post(get: Callable[[str], str | None], body: bytes) -> Push:
-    """Check a POST in WEBPUSH.md 2.9's order after the token and VAPID; Refused if bad.
+    """Check a POST in docs/WEBPUSH.md's order after the token and VAPID; Refused if bad.
 
     `get` reads a request header by name (case-insensitive).
     """
@@ -160,7 +160,7 @@ def _clean(value: str) -> str:
 
 
 def crypto_headers(get: Callable[[str], str | None]) -> dict[str, str]:
-    """The headers a device needs to decrypt, cleaned for Firefox (WEBPUSH.md 2.4)."""
+    """The headers a device needs to decrypt, cleaned for Firefox (docs/WEBPUSH.md)."""
     encoding = (get("Content-Encoding") or "").strip().lower()
     if not encoding:
         raise Refused(400, 110, "Missing Content-Encoding header")

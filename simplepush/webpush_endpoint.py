@@ -2,7 +2,7 @@
 
 The sibling of endpoint.py (the SimplePush PUT), kept apart from Tornado:
 web.py hands over the path, a header getter and the body. The checks run
-in WEBPUSH.md 2.9's order on what the request alone tells (token, VAPID,
+in docs/WEBPUSH.md's order on what the request alone tells (token, VAPID,
 size, headers) before the one storage call that queues and routes it.
 """
 

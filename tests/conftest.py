@@ -5,7 +5,8 @@ real port; devices are Tornado WebSocket clients talking to that port. Mark
 a test `@pytest.mark.server(hello_timeout=0.5)` to change a setting.
 
 Every test using the server runs once per storage backend (test ids end in
-[memory] or [memcached]); the memcached runs share one real memcached
+[memory], [sqlite] or [memcached]); each sqlite run has a fresh database
+file in its tmp_path, and the memcached runs share one real memcached
 process, flushed before each test.
 """
 
@@ -107,11 +108,13 @@ def memcached() -> Iterator[Memcached]:
     server.stop()
 
 
-@pytest.fixture(params=["memory", "memcached"])
-def storage_settings(request: pytest.FixtureRequest) -> StorageSettings:
-    """Each backend in turn; a memcached test starts from an empty cache."""
+@pytest.fixture(params=["memory", "sqlite", "memcached"])
+def storage_settings(request: pytest.FixtureRequest, tmp_path) -> StorageSettings:
+    """Each backend in turn; a sqlite or memcached test starts from an empty database."""
     if request.param == "memory":
-        return StorageSettings()
+        return StorageSettings(backend="memory")
+    if request.param == "sqlite":
+        return StorageSettings(backend="sqlite", path=str(tmp_path / "simplepush.db"))
     server: Memcached = request.getfixturevalue("memcached")
     server.flush()
     return StorageSettings(backend="memcached", servers=(server.address,))

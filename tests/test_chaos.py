@@ -692,8 +692,15 @@ def test_sigterm_under_load_answers_every_put_and_closes_devices_with_1001(fleet
 
 
 def test_the_memory_backend_warns_at_start_that_pending_updates_do_not_survive(tmp_path):
-    """The console script with the default backend says so before it serves anything."""
-    server = launch(SCRIPT, tmp_path, format="json", output="stdout", level="info")
+    """The console script with backend = memory says so before it serves anything."""
+    server = launch(
+        SCRIPT,
+        tmp_path,
+        storage={"backend": "memory"},
+        format="json",
+        output="stdout",
+        level="info",
+    )
     try:
         assert server.stop() == 0
     finally:

@@ -1,13 +1,16 @@
 """The installed `simplepush` console script, run as a real process.
 
-Covers DESIGN.md section 3: `genkey`, config errors (one line, exit 2), the
-shipped config.ini, a full device/app-server round trip against the
-process, the mozlog envelope, text logs, and shutdown on SIGTERM/SIGINT.
+Covers DESIGN.md section 3: `--help`, `genkey` and the key file install.sh
+makes, config errors (one line, exit 2), the shipped config.ini, a full
+device/app-server round trip against the process, what a browser gets on
+the public port, the mozlog envelope, text logs, and shutdown on
+SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import re
 import signal
@@ -26,8 +29,9 @@ import pytest
 import websocket
 from cryptography.fernet import Fernet
 
-from simplepush.config import load
+from simplepush.config import AdminSettings, load
 from simplepush.tokens import generate_key, is_valid_key
+from simplepush.web import landing_text
 from tests.conftest import free_port
 
 SCRIPT = Path(sys.executable).parent / "simplepush"
@@ -80,6 +84,7 @@ def launch(
     tmp_path: Path,
     token_key: str | None = None,
     admin: dict[str, str] | None = None,
+    storage: dict[str, str] | None = None,
     **logging: str,
 ) -> Server:
     """The console script on a free port with these [logging] settings, answering /status.
@@ -98,7 +103,9 @@ def launch(
         "[logging]\n"
         + "".join(f"{key} = {value}\n" for key, value in logging.items())
         + "[admin]\n"
-        + "".join(f"{key} = {value}\n" for key, value in (admin or {"port": "0"}).items()),
+        + "".join(f"{key} = {value}\n" for key, value in (admin or {"port": "0"}).items())
+        + "[storage]\n"
+        + "".join(f"{key} = {value}\n" for key, value in (storage or {}).items()),
         encoding="utf-8",
     )
     stdout, stderr = tmp_path / f"stdout-{port}.log", tmp_path / f"stderr-{port}.log"
@@ -226,8 +233,128 @@ def test_genkey_prints_a_new_fernet_key(script, tmp_path):
     assert keys[0] != keys[1]
 
 
+def test_help_lists_the_commands_and_what_they_do(script, tmp_path):
+    result = run_cli(script, "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "{serve,genkey}" not in result.stdout
+    described = {
+        line.split()[0]
+        for line in result.stdout.splitlines()
+        if line.startswith("    ") and len(line.split()) > 3
+    }
+    assert {"serve", "genkey"} <= described, result.stdout
+    serve = run_cli(script, "serve", "--help", cwd=tmp_path)
+    assert serve.returncode == 0 and "SIGTERM" in serve.stdout and "exits 2" in serve.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--fill"], ["serve", "--fill"], ["genkey", "--config", "config.ini"]],
+    ids=["fill-alone", "fill-serve", "genkey-config-without-fill"],
+)
+def test_an_option_its_command_does_not_read_is_an_error(script, tmp_path, args):
+    result = run_cli(script, *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == "" and "error:" in result.stderr
+
+
+def test_serve_is_the_default_command_and_config_goes_before_or_after_it(script, tmp_path):
+    absent = tmp_path / "absent.ini"
+    for args in (["--config", str(absent)], ["serve", "--config", str(absent)]):
+        assert_config_error(run_cli(script, *args, cwd=tmp_path), [f"{absent}: no such file"])
+    assert_config_error(run_cli(script, cwd=tmp_path), ["config.ini: no such file"])
+
+
+def test_genkey_fill_creates_the_key_file_the_config_names_once(script, tmp_path):
+    """What install.sh does with the shipped config.ini: a secret file, config.ini untouched."""
+    config = tmp_path / "config.ini"
+    config.write_bytes(SHIPPED_CONFIG.read_bytes())
+    key_file = tmp_path / "simplepush.key"
+    result = run_cli(script, "genkey", "--fill", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"simplepush: wrote a new key into {key_file}\n"
+    assert config.read_bytes() == SHIPPED_CONFIG.read_bytes()
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    [key] = key_file.read_text().split()
+    assert is_valid_key(key)
+    assert load(str(config)).server.token_key == (key,)
+    again = run_cli(script, "genkey", "--fill", "--config", str(config), cwd=tmp_path)
+    assert (again.returncode, again.stdout) == (0, "")
+    assert key_file.read_text().split() == [key]
+
+
+def test_a_key_file_is_found_beside_its_config_and_holds_keys_newest_first(script, tmp_path):
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    config = etc / "simplepush.ini"
+    config.write_text("[server]\ntoken_key_file = keys\n")
+    keys = (generate_key(), generate_key(), generate_key())
+    (etc / "keys").write_text(f"{keys[0]}\n\n{keys[1]}, {keys[2]}\n")
+    assert load(str(config)).server.token_key == keys
+    # genkey --fill run from elsewhere finds the same file, and keeps it
+    result = run_cli(script, "genkey", "--fill", "--config", "etc/simplepush.ini", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (0, ""), result.stderr
+    assert load(str(config)).server.token_key == keys
+
+
+def test_git_ignores_the_key_file_so_that_no_commit_publishes_it():
+    root = SHIPPED_CONFIG.parent
+    result = subprocess.run(
+        ["git", "-C", str(root), "check-ignore", "--quiet", "simplepush.key"], timeout=IO_TIMEOUT
+    )
+    assert result.returncode == 0
+
+
+def test_an_inline_token_key_wins_over_the_key_file(tmp_path):
+    """Older configs keep their key; the file, even missing, is then not read."""
+    key = generate_key()
+    config = tmp_path / "config.ini"
+    config.write_text(f"[server]\ntoken_key = {key}\ntoken_key_file = missing.key\n")
+    assert load(str(config)).server.token_key == (key,)
+
+
+@pytest.mark.parametrize(
+    ("content", "fragments"),
+    [
+        (None, ["no such file", "genkey --fill"]),
+        ("", ["is empty"]),
+        ("not-a-key\n", ["key 1 is not a Fernet key"]),
+        (f"{generate_key()}\nnot-a-key\n", ["key 2 is not a Fernet key"]),
+        (b"\xff\xfe", ["cannot be read: not text"]),
+        ("directory", ["cannot be read: Is a directory"]),
+    ],
+    ids=["missing", "empty", "bad-key", "bad-second-key", "binary", "directory"],
+)
+def test_a_bad_key_file_exits_2_with_one_line(script, tmp_path, content, fragments):
+    key_file = tmp_path / "simplepush.key"
+    if content == "directory":
+        key_file.mkdir()
+    elif isinstance(content, bytes):
+        key_file.write_bytes(content)
+    elif content is not None:
+        key_file.write_text(content)
+    config = tmp_path / "config.ini"
+    config.write_text(f"[server]\nport = {free_port()}\ntoken_key_file = simplepush.key\n")
+    result = run_cli(script, "--config", str(config), cwd=tmp_path)
+    assert_config_error(result, [str(config), "[server] token_key_file", str(key_file), *fragments])
+
+
+@pytest.mark.parametrize("command", [["genkey", "--fill"], ["serve"]])
+def test_a_missing_config_is_no_such_file_for_every_command(script, tmp_path, command):
+    config = tmp_path / "absent.ini"
+    result = run_cli(script, *command, "--config", str(config), cwd=tmp_path)
+    assert_config_error(result, [f"simplepush: {config}: no such file"])
+
+
+def test_genkey_fill_where_the_key_file_cannot_be_made_exits_2_with_one_line(script, tmp_path):
+    config = tmp_path / "config.ini"
+    config.write_text("[server]\ntoken_key_file = no/such/dir/simplepush.key\n")
+    result = run_cli(script, "genkey", "--fill", "--config", str(config), cwd=tmp_path)
+    assert_config_error(result, ["[server] token_key_file", "cannot be created: no such directory"])
+
+
 def test_genkey_fill_writes_a_key_into_an_empty_token_key_once(script, tmp_path):
-    """What install.sh does: a fresh key where there is none, untouched on a rerun."""
+    """An older config, without token_key_file: the key goes inline, as it always did."""
     config = tmp_path / "config.ini"
     config.write_text("[server]\nport = 8080  ; the port\ntoken_key =    ; keys, newest first\n")
     result = run_cli(script, "genkey", "--fill", "--config", str(config), cwd=tmp_path)
@@ -287,6 +414,16 @@ BAD_CONFIGS = [
     ),
     pytest.param("[logging]\nlevel = loud\n", ["[logging] level", "loud"], id="level"),
     pytest.param(
+        "[logging]\noutput = /nonexistent/simplepush.log\n",
+        ["[logging] output", "/nonexistent/simplepush.log: no such directory"],
+        id="log-directory",
+    ),
+    pytest.param(
+        "[server]\nssl_certfile = /nonexistent.pem\nssl_keyfile = /nonexistent.key\n",
+        ["[server] ssl_certfile", "cannot load /nonexistent.pem", ": no such file"],
+        id="tls-missing",
+    ),
+    pytest.param(
         "[server]\nendpoint_url = push.example.com\n",
         ["[server] endpoint_url", "http"],
         id="endpoint-scheme",
@@ -339,7 +476,8 @@ DESIGN_DEFAULTS = {
         "max_connections": 100000,
         "hello_timeout": 30,
         "max_channels": 200,
-        "token_key": None,  # install.sh fills it; its value is not a default
+        "token_key": None,  # empty, so that the key comes from token_key_file
+        "token_key_file": "simplepush.key",  # install.sh creates it
         "router_host": "127.0.0.1",
         "router_port": 8090,
         "ssl_certfile": "",
@@ -353,23 +491,29 @@ DESIGN_DEFAULTS = {
         "max_queued": 100,
     },
     "storage": {
-        "backend": "memory",
+        "backend": "sqlite",
+        "path": None,  # simplepush.db, which load() takes from config.ini's directory
         "servers": ("127.0.0.1:11211",),
         "pending_ttl": 259200,
         "uaid_ttl": 5184000,
         "timeout": 5,
     },
-    "logging": {"format": "json", "output": "stdout", "level": "info", "name": "simplepush"},
+    "logging": {"format": "auto", "output": "stdout", "level": "info", "name": "simplepush"},
     "metrics": {"statsd_host": "", "statsd_port": 8125, "prefix": "simplepush"},
     "admin": {"host": None, "port": 8081, "token": ""},  # host: router_host when empty
 }
 
 
-def test_shipped_config_has_every_key_with_designs_default():
-    settings = load(str(SHIPPED_CONFIG))
+def test_shipped_config_has_every_key_with_designs_default(tmp_path):
+    # As install.sh leaves it: beside the key file it names.
+    config = tmp_path / "config.ini"
+    config.write_bytes(SHIPPED_CONFIG.read_bytes())
+    (tmp_path / "simplepush.key").write_text(generate_key())
+    settings = load(str(config))
     raw = ConfigParser(inline_comment_prefixes=(";",), interpolation=None)
     raw.read(SHIPPED_CONFIG, encoding="utf-8")
     assert set(raw.sections()) == set(DESIGN_DEFAULTS)
+    assert raw["server"]["token_key"] == ""
     for section, defaults in DESIGN_DEFAULTS.items():
         assert set(raw[section]) == set(defaults), section
         loaded = asdict(getattr(settings, section))
@@ -410,6 +554,65 @@ def test_full_run_serves_devices_and_logs_mozlog_json(start, sockets):
     types = [record["Type"] for record in records]
     assert "server.start" in types
     assert "websocket.hello" in types
+
+
+def http_call(
+    server: Server, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+) -> tuple[int, http.client.HTTPMessage, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=IO_TIMEOUT)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        conn.close()
+
+
+def test_a_browser_on_the_public_port_is_told_what_it_is_and_where_to_go(start):
+    server = start()
+    for path in ("/", "/some/page"):
+        status, headers, body = http_call(server, "GET", path)
+        assert status == 200, path
+        assert headers["Content-Type"] == "text/plain; charset=utf-8"
+        text = body.decode()
+        for fragment in ("WebSocket endpoint", "PUT /update/<token>", "POST /wpush/v1/<token>"):
+            assert fragment in text, (fragment, text)
+        assert "The dashboard is off ([admin] port = 0)." in text
+        assert len(text.splitlines()) <= 5
+    # A WebSocket client that gets the upgrade wrong is answered as before.
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": "x" * 24}
+    status, headers, body = http_call(
+        server, "GET", "/", headers={**upgrade, "Sec-WebSocket-Version": "8"}
+    )
+    assert (status, headers["Sec-WebSocket-Version"], body) == (426, "13", b"")
+    status, _, body = http_call(server, "GET", "/", headers={"Sec-WebSocket-Version": "13"})
+    assert (status, body) == (400, b"")
+
+
+def test_a_dashboard_is_named_on_the_public_port_only_on_a_loopback_address():
+    assert b"http://127.0.0.1:8081/" in landing_text(AdminSettings(host="127.0.0.1"))
+    assert b"http://[::1]:9000/" in landing_text(AdminSettings(host="::1", port=9000))
+    private = landing_text(AdminSettings(host="10.1.2.3")).decode()
+    assert "10.1.2.3" not in private and "8081" not in private
+    assert "private address of [admin] host and port" in private
+
+
+def test_every_error_body_is_compact_json(start):
+    """As endpoint.py writes them: 405 on every route, and the limits' 413 and 431 too."""
+    server = start()
+    requests = [
+        ("GET", "/update/some-token", b"", {}, 405, "PUT, OPTIONS"),
+        ("POST", "/", b"", {}, 405, "GET"),
+        ("GET", "/wpush/v1/some-token", b"", {}, 405, "POST"),
+        ("PUT", "/update/not-a-token", b"version=1", {}, 404, None),
+        ("PUT", "/update/some-token", b"x" * 70_000, {}, 413, None),
+        ("GET", "/status", b"", {"X-Padding": "x" * 20_000}, 431, None),
+    ]
+    for method, path, body, headers, expected, allow in requests:
+        status, answer_headers, answer = http_call(server, method, path, body, headers)
+        assert status == expected, (method, path, status, answer)
+        assert answer == json.dumps(json.loads(answer), separators=(",", ":")).encode(), answer
+        assert answer_headers["Allow"] == allow, (method, path)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -18,7 +18,7 @@ import signal
 import socket
 import time
 from base64 import urlsafe_b64encode
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ EXIT_TIMEOUT = 5.0
 TOKEN = "s3cret-dashboard-token-0123456789"
 MAX_QUEUED = 100  # [server] max_queued's default: WebPush messages waiting per channel
 MAX_WEBPUSH_BODY = 4096
+SEVERITY_WARNING = 4  # syslog's, as the mozlog envelope gives it
 
 
 class WebPushDevice(Device):
@@ -135,13 +136,19 @@ def stats_when(
 
 @pytest.fixture
 def start(tmp_path: Path) -> Iterator[Callable[..., tuple[Server, int]]]:
-    """start(token=...) -> (a console-script server with its dashboard on, its admin port)."""
+    """start(token=..., key=...) -> (a console-script server with its dashboard on, its admin
+    port); it logs JSON to its stdout file, and `key` is its token_key (default: a fresh one)."""
     started: list[Server] = []
 
-    def _start(**admin: str) -> tuple[Server, int]:
+    def _start(key: str | None = None, **admin: str) -> tuple[Server, int]:
         port = free_port()
         server = launch(
-            SCRIPT, tmp_path, admin={"port": str(port), **admin}, output="stdout", level="info"
+            SCRIPT,
+            tmp_path,
+            key,
+            admin={"port": str(port), **admin},
+            output="stdout",
+            level="info",
         )
         started.append(server)
         return server, port
@@ -201,6 +208,19 @@ def settled(expected: dict[str, int]) -> Callable[[dict[str, Any]], bool]:
     return lambda current: all(current["totals"].get(k, 0) == v for k, v in expected.items())
 
 
+def logged_problems(records: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Warning and error events among log records, by Type: what "errors by kind" must count."""
+    counts: dict[str, int] = {}
+    for record in records:
+        if record["Severity"] <= SEVERITY_WARNING:
+            counts[record["Type"]] = counts.get(record["Type"], 0) + 1
+    return counts
+
+
+def error_totals(current: dict[str, Any]) -> dict[str, int]:
+    return {kind: counts["total"] for kind, counts in current["errors"].items()}
+
+
 def test_one_process_counts_a_known_workload(start, connect):
     server, admin = start()
     devices = workload(server, 4, connect)
@@ -238,7 +258,8 @@ def test_one_process_counts_a_known_workload(start, connect):
     assert 0 < p50 <= p95 <= p99
     assert current["storage"]["ok"] is True and current["storage"]["rtt_ms"] is not None
     assert current["memory_bytes"] > 0
-    assert current["errors"] == {}
+    # Whatever the start-up warned about (the open-file limit, say) is counted, and nothing else.
+    assert error_totals(current) == logged_problems(map(json.loads, server.output()))
     [row] = current["workers"]
     assert (row["index"], row["pid"], row["up"], row["devices"]) == (0, server.proc.pid, True, 3)
     assert row["memory_bytes"] == current["memory_bytes"]
@@ -256,6 +277,17 @@ def test_one_process_counts_a_known_workload(start, connect):
         k: v for k, v in current.items() if k != "series"
     }
     assert again["series"]["t"] == [t for t in series["t"] if t > current["t"] - 3]
+
+
+def test_the_warnings_of_the_start_are_counted(start):
+    """Logged before the first sample, they once counted from it and the dashboard showed 0."""
+    server, admin = start(key="")  # warns: a key for this run only
+    current = stats_when(admin, lambda v: v["error_events"]["total"] > 0, "the start's warnings")
+    logged = logged_problems(map(json.loads, server.output()))
+    assert logged.get("config.warning", 0) >= 1
+    assert error_totals(current) == logged
+    assert current["error_events"]["total"] == sum(logged.values())
+    assert current["start_t"] <= current["t"]
 
 
 def test_one_process_counts_a_known_webpush_workload_apart_from_the_puts(start, connect):
@@ -322,8 +354,9 @@ def test_one_process_counts_a_known_webpush_workload_apart_from_the_puts(start, 
         "429",
         "500",
         "503",
+        "all",  # what the plot's one "rejected or failed" line sums
     }
-    assert current["rates"]["rejected"].keys() == {"400", "404", "413", "500", "503"}
+    assert current["rates"]["rejected"].keys() == {"400", "404", "413", "500", "503", "all"}
 
     # The WebPush series add up to the workload, and none of it leaks into the PUT ones.
     series = current["series"]
@@ -400,6 +433,28 @@ def test_two_workers_count_webpush_routed_between_them(request, connect):
         assert round(sum(r * s for r, s in plotted)) == totals.get(f"post.{key}", 0), key
 
 
+@pytest.mark.parametrize("token_key", [""])  # the supervisor warns, before it forks
+def test_two_workers_count_their_supervisors_warnings_and_errors_once(request, token_key):  # noqa: F811
+    """Every worker inherits the counts its supervisor had when it forked it: counted once,
+    the newest copy (a replacement's) bringing the supervisor's later events, worker.died."""
+    admin = free_port()
+    server = request.getfixturevalue("cluster")(processes=2, admin_port=admin)
+
+    def as_logged(kind: str, count: int) -> Callable[[dict[str, Any]], bool]:
+        def check(current: dict[str, Any]) -> bool:
+            totals = error_totals(current)
+            return totals.get(kind) == count and totals == logged_problems(server.records())
+
+        return check
+
+    stats_when(admin, as_logged("config.warning", 1), "the supervisor's warning, once")
+    victim = worker_pids(server)[1]
+    os.kill(victim, signal.SIGKILL)
+    current = stats_when(admin, as_logged("worker.died", 1), "worker.died, once")
+    assert [row["up"] for row in current["workers"]] == [True, True]
+    assert error_totals(current)["config.warning"] == 1
+
+
 def test_a_replaced_worker_0_serves_the_dashboard_again(request):
     """The supervisor keeps the admin socket, as the public ones, for worker 0's replacement."""
     admin = free_port()
@@ -474,8 +529,11 @@ def test_a_configured_token_is_required_everywhere_on_the_admin_listener(start):
 def test_the_dashboard_is_not_served_on_the_public_port_nor_the_public_routes_on_admin(start):
     server, admin = start()
     for path in ("/", "/api/stats", "/static/dashboard.js", "/stats"):
+        # Every unknown path is the WebSocket endpoint; a plain GET is told where to go.
         response = call("GET", server.url(path))
-        assert response.status == 400, path  # every unknown path is a WebSocket upgrade
+        assert response.status == 200, path
+        assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
+        assert f"http://127.0.0.1:{admin}/" in response.body.decode()
         assert b"rates" not in response.body and b"<html" not in response.body
     assert admin_get(admin, "/api/stats")[0] == 200
     assert admin_get(admin, "/status")[0] == 404
@@ -560,6 +618,26 @@ def test_workers_add_up_second_by_second_and_a_silent_one_does_not_hold_the_view
     assert [row["up"] for row in alone["workers"]] == [True, False]
 
 
+def test_the_supervisors_counts_are_taken_once_from_the_newest_copy_and_the_axis_from_start():
+    def sample(t: int) -> Sample:
+        return Sample(t, 1, {}, {}, {"devices": 0})
+
+    a, b = Worker(0, 10), Worker(1, 11)
+    a.samples.extend(sample(t) for t in range(100, 110))
+    b.samples.extend(sample(t) for t in range(105, 110))  # replaced at 105
+    a.totals = {"error.storage.warning": 1}
+    a.inherited = {"error.config.warning": 1}
+    b.inherited = {"error.config.warning": 1, "error.worker.died": 1}
+    current = view([a, b])
+    assert {kind: e["total"] for kind, e in current["errors"].items()} == {
+        "config.warning": 1,
+        "storage.warning": 1,
+        "worker.died": 1,
+    }
+    assert current["error_events"]["total"] == 3
+    assert current["start_t"] == 100
+
+
 def test_webpush_deliveries_have_their_own_histogram_rates_and_series():
     stats = Stats()
     for name, count in {
@@ -597,6 +675,7 @@ def test_webpush_deliveries_have_their_own_histogram_rates_and_series():
             "429": 1.0,
             "500": 0.0,
             "503": 0.0,
+            "all": 5.0,
         },
     }
     five, eighty = (round(bucket_ms(bucket(ms)), 3) for ms in (5.0, 80.0))
@@ -605,7 +684,7 @@ def test_webpush_deliveries_have_their_own_histogram_rates_and_series():
     assert current["latency_ms"]["count"] == 2
     assert (current["rates"]["updates"], current["rates"]["delivered"]) == (2.0, 2.0)
     assert set(current["rates"]) == {*RATES, "rejected"}
-    assert set(current["rates"]["rejected"]) == {"400", "404", "413", "500", "503"}
+    assert set(current["rates"]["rejected"]) == {"400", "404", "413", "500", "503", "all"}
     assert current["workers"][0]["webpush"] == {
         "rates": {"incoming": 12.0, "delivered": 4.0, "stored": 2.0, "routed": 1.0}
     }

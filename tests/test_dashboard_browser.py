@@ -142,8 +142,24 @@ return {
   points: Object.fromEntries(Array.from(document.querySelectorAll('figure.chart svg')).map(
     (svg) => [svg.parentElement.id, Number(svg.dataset.points || 0)])),
   lines: document.querySelectorAll('figure.chart svg path.line').length,
+  windows: Object.fromEntries(Array.from(document.querySelectorAll('figure.chart')).map(
+    (figure) => [figure.id, figure.querySelector('.legend .window')?.textContent])),
+  first_x: Math.min(...Array.from(document.querySelectorAll('#chart-devices path.line')).map(
+    (path) => parseFloat(path.getAttribute('d').slice(1)))),
 };
 """
+# The plots' left margin (dashboard.js MARGIN.left): where a fresh server's first second is drawn.
+PLOT_LEFT = 58.0
+# What each chart's legend numbers cover, as its legend says.
+LEGEND_WINDOWS = {
+    "chart-updates": "last 5 s:",
+    "chart-webpush": "last 5 s:",
+    "chart-latency": "last 60 s:",
+    "chart-webpush-latency": "last 60 s:",
+    "chart-devices-traffic": "last 5 s:",
+    "chart-devices": "now:",
+    "chart-storage": "last check:",
+}
 
 
 @pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-workers"])
@@ -202,6 +218,12 @@ def test_the_page_plots_live_numbers_that_match_the_json(browser, tmp_path, requ
             assert shown.strip() or key == "storage/error", key
         # every rate line (PUT 5, WebPush 5, traffic 3, devices 1), storage and both latencies
         assert page["lines"] >= 18
+        # Legends show the tiles' numbers (data-key, checked above) and say over what window.
+        assert page["windows"] == LEGEND_WINDOWS
+        assert {"rates/rejected/all", "webpush/rates/rejected/all", "storage/rtt_ms"} <= set(keys)
+        if not os.environ.get("DASHBOARD_WARMUP"):
+            # A server younger than 15 minutes: the time axis starts at its start.
+            assert page["first_x"] == PLOT_LEFT
         screenshot = tmp_path / "dashboard.png"
         height = browser.execute_script("return document.documentElement.scrollHeight")
         browser.set_window_size(1440, height + 16)

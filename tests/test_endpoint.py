@@ -489,9 +489,12 @@ async def test_status_counts_open_device_sockets(connect, put, http_port, path, 
 @pytest.mark.gen_test
 @pytest.mark.server(max_connections=7)
 @pytest.mark.parametrize("path", ["/realstatus", "/realstatus/"])
-async def test_realstatus_reports_storage_and_limits(connect, put, http_port, path):
+async def test_realstatus_reports_storage_and_limits(
+    connect, put, http_port, path, storage_settings
+):
     device = await connect()
     await device.hello()
+    await device.register()
     await connect()  # open but not identified: a client, not a device
     response = await put(url(http_port, path), headers={}, method="GET")
     assert response.code == 200, (response.code, response.body)
@@ -501,11 +504,17 @@ async def test_realstatus_reports_storage_and_limits(connect, put, http_port, pa
     rtt_ms, uptime_s = body["storage"].pop("rtt_ms"), body.pop("uptime_s")
     assert type(rtt_ms) in (int, float) and 0 <= rtt_ms < 5000, rtt_ms
     assert type(uptime_s) in (int, float) and 0 <= uptime_s < 60, uptime_s
+    storage = {"ok": True, "error": "", "last_error": "", "last_error_at": None}
+    if storage_settings.backend == "sqlite":
+        # The database's size and its rows by kind: one UAID with one channel.
+        size = body["storage"].pop("size_bytes")
+        assert type(size) is int and size > 0, size
+        storage["rows"] = {"uaids": 1, "channels": 1, "pending": 0, "messages": 0}
     assert body == {
         "ok": True,
         "clients": 2,
         "devices": 1,
         "max_clients": 7,
-        "storage": {"ok": True, "error": "", "last_error": "", "last_error_at": None},
+        "storage": storage,
         "version": __version__,
     }

@@ -1,4 +1,4 @@
-"""WebPush end to end with a real browser: Debian's headless Firefox ESR (WEBPUSH.md 5.3).
+"""WebPush end to end with a real browser: Debian's headless Firefox ESR (docs/WEBPUSH.md).
 
 A console-script server on a real memcached, a tiny Tornado page-and-sink app,
 and `firefox-esr --headless` with a fresh profile whose push service is this

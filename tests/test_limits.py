@@ -31,7 +31,7 @@ FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 @pytest.fixture
 def storage_settings() -> StorageSettings:
     """Limits sit in front of storage: one backend is enough."""
-    return StorageSettings()
+    return StorageSettings(backend="memory")
 
 
 class HTTPPeer:

@@ -10,8 +10,11 @@ does; collectors are plain sockets in the test.
 from __future__ import annotations
 
 import json
+import os
+import pty
 import signal
 import socket
+import subprocess
 import time
 import urllib.request
 import uuid
@@ -23,6 +26,7 @@ import websocket
 
 from simplepush import logs
 from simplepush.config import load
+from tests.signalwait import deliver
 from tests.test_cli import (
     ENVELOPE,
     EXIT_TIMEOUT,
@@ -346,13 +350,79 @@ def test_sighup_reopens_the_log_file_after_it_is_moved(start, sockets, tmp_path)
 def test_sighup_without_a_log_file_is_harmless(start, sockets, collector):
     output = "stdout" if collector == "stdout" else f"udp://127.0.0.1:{free_port()}"
     server = start(output)
-    server.proc.send_signal(signal.SIGHUP)
-    alive_and_serving(server, sockets)
-    server.proc.send_signal(signal.SIGHUP)
-    time.sleep(0.2)
-    alive_and_serving(server, sockets)
+    for _ in range(2):
+        deliver(server.proc.pid, signal.SIGHUP)
+        alive_and_serving(server, sockets)
     sockets.close_all()
     assert server.stop() == 0
+
+
+# --- format = auto ------------------------------------------------------------
+
+
+def read_terminal(leader: int) -> str:
+    """All a pseudo-terminal's program wrote, once it exited (EIO: no writer is left)."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8").replace("\r\n", "\n")
+
+
+def test_auto_format_writes_text_to_a_terminal(tmp_path):
+    """The shipped default: the first run in a terminal reads as text, values with spaces quoted."""
+    port = free_port()
+    config = tmp_path / "terminal.ini"
+    config.write_text(
+        f"[server]\nport = {port}\nendpoint_url = http://127.0.0.1:{port}\n"
+        "[storage]\nbackend = memory\n[admin]\nport = 0\n",  # warns: a key for this run only
+        encoding="utf-8",
+    )
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [str(SCRIPT), "--config", str(config)],
+            stdout=follower,
+            stderr=subprocess.DEVNULL,
+            cwd=tmp_path,
+        )
+        os.close(follower)
+        server = Server(proc, port, tmp_path / "unused", tmp_path / "unused")
+        try:
+            wait_until(lambda: status_ok(server), "/status")
+        finally:
+            assert server.stop() == 0
+        lines = read_terminal(leader).splitlines()
+    finally:
+        os.close(leader)
+    assert lines
+    for line in lines:
+        with pytest.raises(ValueError):
+            json.loads(line)
+    assert any(" INFO server.start " in line and f" port={port} " in line for line in lines)
+    warning = next(line for line in lines if " WARNING config.warning key=token_key " in line)
+    assert 'problem="empty: using a key for this run only' in warning
+
+
+def status_ok(server: Server) -> bool:
+    try:
+        return get_json(server, "/status")["status"] == "OK"
+    except OSError:
+        return False
+
+
+def test_auto_format_writes_json_to_a_file_or_pipe(start, tmp_path):
+    """Not a terminal, so for a machine: the stdout file launch() gives it gets mozlog JSON."""
+    server = start("stdout")
+    assert "format" not in (tmp_path / f"server-{server.port}.ini").read_text()  # auto
+    assert server.stop() == 0
+    records = [check_envelope(line.encode(), server.proc.pid) for line in server.output()]
+    assert "server.start" in types_of(records)
 
 
 # --- config -----------------------------------------------------------------

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,6 +27,7 @@ from simplepush.store import Holder, StoreError
 from simplepush.store.memcached import KEY_PREFIX, MemcachedStore
 from simplepush.updates import Update
 from tests.conftest import FRAME_TIMEOUT, Memcached, new_id
+from tests.signalwait import freeze, thaw
 
 SERVICE_UNAVAILABLE = {"status": 503, "error": "Service Unavailable"}
 UNKNOWN_CHANNEL = {"status": 404, "error": "Unknown Channel"}
@@ -115,7 +114,7 @@ async def test_a_command_memcached_does_not_answer_is_503_and_closed(
 ):
     """Frozen rather than stopped: a stopped memcached closes the devices itself (above)."""
     device, chid, _ = await registered(connect)
-    os.kill(memcached_proc.proc.pid, signal.SIGSTOP)
+    freeze(memcached_proc.proc.pid)
     frame = {"messageType": mtype, "channelID": chid}
     if mtype == "ack":
         frame = {"messageType": "ack", "updates": [{"channelID": chid, "version": 1}]}
@@ -191,7 +190,7 @@ async def test_a_frozen_memcached_times_out_without_stalling_the_server(
     connect, put, http_client, http_port, memcached_proc
 ):
     device, _, endpoint = await registered(connect)
-    os.kill(memcached_proc.proc.pid, signal.SIGSTOP)
+    freeze(memcached_proc.proc.pid)
     started = time.monotonic()
     waiting = asyncio.ensure_future(put(endpoint, "version=5"))
     # The server keeps answering while the PUT waits on memcached.
@@ -200,7 +199,7 @@ async def test_a_frozen_memcached_times_out_without_stalling_the_server(
     assert not waiting.done()
     assert_unavailable(await asyncio.wait_for(waiting, FRAME_TIMEOUT))
     assert time.monotonic() - started >= TIMEOUT
-    os.kill(memcached_proc.proc.pid, signal.SIGCONT)
+    thaw(memcached_proc.proc.pid)
     await wait_until_healthy(http_client, http_port)
     response = await put(endpoint, "version=6")
     assert (response.code, response.body) == (200, b"{}")

@@ -1,8 +1,9 @@
 """The Store contract, called directly, on every backend.
 
-The same tests run on the memory store and on a real memcached (test ids
-end in [memory] or [memcached]); what only memcached has (several nodes
-sharing records, expiry) is tested on memcached alone.
+The same tests run on the memory store, on sqlite and on a real memcached
+(test ids end in [memory], [sqlite] or [memcached]); what only memcached has
+(several nodes sharing records, expiry) is tested on memcached alone, and
+sqlite's own (restarts, faults, its sweep) in tests/test_sqlite.py.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from simplepush.server import build_store
 from simplepush.store import Holder, Store, StoreError
 from simplepush.store.memcached import EMPTY_RECORD_TTL, KEY_PREFIX, MemcachedStore
 from simplepush.store.memory import MemoryStore
+from simplepush.store.sqlite import SqliteStore
 from simplepush.updates import MAX_DATA_BYTES, MAX_VERSION, Update
 from tests.conftest import Memcached
 
@@ -180,7 +182,7 @@ async def test_a_uaid_that_said_hello_and_left_with_nothing_is_not_kept(
     store, storage_settings, record_ttl
 ):
     """Anonymous hellos must not fill the store: the record of a UAID that never had a
-    channel goes when its socket does (memory) or within minutes (memcached,
+    channel goes when its socket does (memory, sqlite) or within minutes (memcached,
     EMPTY_RECORD_TTL) instead of after uaid_ttl."""
     anonymous, registered = new_key(), new_key()
     await store.hello(anonymous, None, NEWER)
@@ -188,7 +190,7 @@ async def test_a_uaid_that_said_hello_and_left_with_nothing_is_not_kept(
     await store.register(registered, registered, registered, 200)
     await store.release(anonymous, NEWER)
     await store.release(registered, NEWER)
-    if storage_settings.backend == "memory":
+    if storage_settings.backend != "memcached":
         assert await store.known(anonymous) is False
         assert await store.known(registered) is True
         return
@@ -298,7 +300,8 @@ async def test_check_passes_when_the_backend_answers(store):
 
 
 def test_build_store_picks_the_backend_and_only_memory_warns(storage_settings, io_loop, caplog):
-    """Only the memory store loses everything on restart; memcached has nothing to warn about."""
+    """Only the memory store loses everything on restart; sqlite and memcached have nothing
+    to warn about."""
     caplog.set_level(logging.WARNING)
     store = build_store(storage_settings)
     io_loop.run_sync(store.close)
@@ -306,7 +309,8 @@ def test_build_store_picks_the_backend_and_only_memory_warns(storage_settings, i
     if storage_settings.backend == "memory":
         assert (type(store), warnings) == (MemoryStore, ["storage.warning"])
     else:
-        assert (type(store), warnings) == (MemcachedStore, [])
+        backends = {"sqlite": SqliteStore, "memcached": MemcachedStore}
+        assert (type(store), warnings) == (backends[storage_settings.backend], [])
 
 
 # --- memcached: several nodes, one record -------------------------------------

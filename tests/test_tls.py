@@ -29,7 +29,7 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture
 def storage_settings() -> StorageSettings:
-    return StorageSettings()
+    return StorageSettings(backend="memory")
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ WebPush device of tests/webpush_device.py, on the memory and memcached
 backends. App-server POSTs here are raw requests with aes128gcm bodies made
 by http_ece (pywebpush itself is exercised in test_webpush_senders.py).
 
-Rules: /work/webpush-contract.md, WEBPUSH.md sections 1, 4, 6 and 7.
+Rules: docs/WEBPUSH.md.
 """
 
 from __future__ import annotations
@@ -62,12 +62,12 @@ async def registered(
 
 
 def assert_gone(response: Any) -> None:
-    """410 errno 106, cached for a day by the sender (contract, WEBPUSH.md 2.7)."""
+    """410 errno 106, cached for a day by the sender (docs/WEBPUSH.md)."""
     assert_error(response, 410, 106)
     assert response.headers.get("cache-control") == "max-age=86400", response.headers
 
 
-# --- hello (WEBPUSH.md 1.3, 6.1) ----------------------------------------------
+# --- hello (docs/WEBPUSH.md) ----------------------------------------------
 
 
 async def test_hello_without_uaid_gets_a_new_uaid(connect, origin):
@@ -117,7 +117,7 @@ async def test_ping_is_answered(connect, origin):
     assert await device.recv() == {}
 
 
-# --- register (WEBPUSH.md 1.4, 6.4, 6.5) ----------------------------------------
+# --- register (docs/WEBPUSH.md) ----------------------------------------
 
 
 async def test_register_without_key_gets_a_v1_endpoint(connect, origin):
@@ -190,7 +190,7 @@ async def test_register_again_is_idempotent_and_follows_the_key(connect, origin,
     await device.expect_message(unbound, body, b"still there", 60)
 
 
-# --- notifications (WEBPUSH.md 1.5) -------------------------------------------
+# --- notifications (docs/WEBPUSH.md) -------------------------------------------
 
 
 async def test_notification_carries_the_exact_body(connect, origin, put):
@@ -219,7 +219,7 @@ async def test_every_message_has_its_own_version(connect, origin, put):
     assert len(versions) == 3
 
 
-# --- ack and nack (WEBPUSH.md 1.6, 1.7, 6.13) -----------------------------------
+# --- ack and nack (docs/WEBPUSH.md) -----------------------------------
 
 
 async def test_acks_with_codes_100_101_102_remove_the_messages(connect, origin, put):
@@ -272,7 +272,7 @@ async def test_nack_gets_no_reply_and_neither_removes_nor_resends(connect, origi
     assert await again.expect_message(subscription, body, b"handler failed", 60) == frame
 
 
-# --- frames a WebPush session ignores (WEBPUSH.md 1.10, 1.11, 6.14) ---------------
+# --- frames a WebPush session ignores (docs/WEBPUSH.md) ---------------
 
 
 @pytest.mark.parametrize(
@@ -294,7 +294,7 @@ async def test_ignored_frames_get_no_reply_and_keep_the_socket(connect, origin, 
     await device.expect_message(subscription, body, b"after", 60)
 
 
-# --- unregister (WEBPUSH.md 1.8) ------------------------------------------------
+# --- unregister (docs/WEBPUSH.md) ------------------------------------------------
 
 
 @pytest.mark.parametrize("code", [200, 201, 202])
@@ -320,7 +320,7 @@ async def test_unregister_drops_the_queued_messages(connect, origin, put, node):
     await device.expect_silence()
 
 
-# --- SimplePush and WebPush side by side (WEBPUSH.md 1.12, 7.8) ----------------
+# --- SimplePush and WebPush side by side (docs/WEBPUSH.md) ----------------
 
 
 async def test_a_simplepush_uaid_saying_use_webpush_gets_a_new_uaid(connect, origin, put, node):
@@ -380,7 +380,7 @@ async def test_simplepush_sessions_keep_their_updates_beside_webpush(connect, or
     await device.ping()  # the WebPush device saw none of it
 
 
-# --- one socket per UAID (WEBPUSH.md 1.3, 6.3) --------------------------------------
+# --- one socket per UAID (docs/WEBPUSH.md) --------------------------------------
 
 
 async def test_the_newest_connection_wins(connect, origin, put):
@@ -392,7 +392,7 @@ async def test_the_newest_connection_wins(connect, origin, put):
     await new.expect_message(subscription, body, b"to the new one", 60)
 
 
-# --- store and forward (WEBPUSH.md 4.2, 4.3, 7.5, 7.7) ------------------------------
+# --- store and forward (docs/WEBPUSH.md) ------------------------------
 
 
 async def test_stored_messages_are_sent_after_every_hello_until_acked(connect, origin, put, node):
@@ -475,7 +475,7 @@ async def test_an_expired_message_is_not_delivered_and_frees_its_place(connect, 
     await device.expect_silence()
 
 
-# --- TTL 0 (WEBPUSH.md 2.5, 6.8, 7.5) -------------------------------------------
+# --- TTL 0 (docs/WEBPUSH.md) -------------------------------------------
 
 
 async def test_ttl_0_to_an_offline_device_is_201_and_never_delivered(connect, origin, put, node):
@@ -504,7 +504,7 @@ async def test_ttl_above_60_days_is_clamped(connect, origin, put):
     await device.expect_message(subscription, body, b"long", MAX_TTL)
 
 
-# --- Topic (WEBPUSH.md 2.6, 6.12, 7.7) ------------------------------------------------
+# --- Topic (docs/WEBPUSH.md) ------------------------------------------------
 
 
 async def test_a_topic_replaces_the_stored_message_and_takes_its_latest_position(
@@ -550,7 +550,7 @@ async def test_an_ack_of_the_replaced_version_does_not_delete_the_new_one(connec
     await device.expect_silence()
 
 
-# --- the queue cap (WEBPUSH.md 7.4) ---------------------------------------------------
+# --- the queue cap (docs/WEBPUSH.md) ---------------------------------------------------
 
 
 @pytest.mark.server(max_queued=3)
@@ -577,7 +577,7 @@ async def test_more_than_max_queued_undelivered_is_429(connect, origin, put, nod
     await device.expect_message(subscription, body, b"room again", 60)
 
 
-# --- DELETE /m/<id> (WEBPUSH.md 2.8) --------------------------------------------------
+# --- DELETE /m/<id> (docs/WEBPUSH.md) --------------------------------------------------
 
 
 async def test_delete_before_delivery_cancels_the_message(connect, origin, put, node):

@@ -10,7 +10,7 @@ The app-server side sends with pywebpush's `WebPusher` in a worker thread (it
 blocks on requests) while the in-process Tornado server keeps running, and
 records the exact bytes it put on the wire.
 
-Wire contract: /work/webpush-contract.md; rules: WEBPUSH.md sections 1-3 and 7.
+Wire rules: docs/WEBPUSH.md.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from tests.wsclient import FRAME_TIMEOUT
 
 UAID = re.compile(r"[0-9a-f]{32}")
 SUBPROTOCOL = "push-notification"
-MAX_TTL = 5_184_000  # 60 days (WEBPUSH.md 7.3)
+MAX_TTL = 5_184_000  # 60 days (docs/WEBPUSH.md)
 AES128GCM = {"encoding": "aes128gcm"}
 
 Connect = Callable[..., Awaitable[Device]]
@@ -126,7 +126,7 @@ class Subscription:
                 body, private_key=self.private_key, auth_secret=self.auth, version="aes128gcm"
             )
         assert headers["encoding"] == "aesgcm", headers
-        # Firefox decodes salt and dh with padding "reject" (WEBPUSH.md 2.4).
+        # Firefox decodes salt and dh with padding "reject" (docs/WEBPUSH.md).
         salt = header_param(headers["encryption"], "salt")
         dh = header_param(headers["crypto_key"], "dh")
         for value in (salt, dh):

@@ -20,11 +20,21 @@ PHASES = ("setup", "closed", "open", "soak")
 SPARE_FDS = 100  # per process: pipe, epoll, stdio, imports
 
 
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default where there is one: not for flags, nor options unset or empty."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if default is None or default is False or default in ("", []):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """All options; every phase and the whole run are bounded in time."""
     p = argparse.ArgumentParser(
         prog="simplepush-bench",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsShown,
         description="Drive a SimplePush server over the wire (WebSocket + HTTP PUT; WebPush with "
         "--webpush) and report setup rate, round-trip latency, errors, dropped sockets and "
         "server CPU/RSS.",
@@ -78,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-r", "--rate", type=float, default=1000.0, help="open loop: PUTs per second in all"
     )
     p.add_argument(
-        "--soak-duration", type=float, help="seconds of the soak phase; None = --duration"
+        "--soak-duration", type=float, help="seconds of the soak phase (default: --duration)"
     )
     p.add_argument(
         "--ping-interval",

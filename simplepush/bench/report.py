@@ -124,12 +124,19 @@ def _num(value: float | None, unit: str = "") -> str:
     return f"{text} {unit}".rstrip()
 
 
+def _count(number: int, noun: str) -> str:
+    """`1 process`, `2 processes`: the header reads as English for any count."""
+    if number == 1:
+        return f"1 {noun}"
+    return f"{number} {noun}{'es' if noun.endswith('s') else 's'}"
+
+
 def table(report: dict[str, Any]) -> str:
     """A few lines for people; the JSON has everything."""
     cfg, phases = report["config"], report["phases"]
     rows = [
         f"simplepush-bench {cfg['url']} ({cfg.get('protocol', 'simplepush')}): "
-        f"{cfg['devices']} devices, {cfg['processes']} processes"
+        f"{_count(cfg['devices'], 'device')}, {_count(cfg['processes'], 'process')}"
     ]
 
     def row(phase: str, label: str, value: str) -> None:

@@ -1,4 +1,5 @@
-// The operator dashboard: polls /api/stats every second and draws the last 15 minutes.
+// The operator dashboard: polls /api/stats every second and draws the last 15 minutes (from
+// the server's start while it is younger, so that a fresh server's points fill the plots).
 //
 // Why hand-written SVG rather than a charting library: seven line charts with
 // axes and a legend are about a hundred lines here, the package then ships no
@@ -9,40 +10,65 @@
 
 const REFRESH_MS = 1000;
 const WINDOW_S = 900;
+const TICK_STEPS_S = [1, 2, 5, 10, 15, 30, 60, 120, 180, 300];
 const HEIGHT = 190;
 const MARGIN = { left: 58, right: 14, top: 12, bottom: 26 };
 
-// Each chart: the series it draws from /api/stats, with labels and colours (CSS variables).
+// Each chart: the per-second series it plots from /api/stats, each with its label, colour (a
+// CSS variable) and the /api/stats key its legend shows. A legend shows the tiles' numbers over
+// the tiles' windows (`window`), not the last plotted second: legend and tile always agree.
 const CHARTS = [
   {
     id: "chart-updates", title: "Updates received per second (PUT /update)", unit: "updates / s",
-    lines: [["updates", "received", "received"], ["delivered", "delivered live", "delivered"],
-      ["stored", "stored", "stored"], ["routed", "routed to a node", "routed"],
-      ["rejected", "rejected or failed", "rejected"]],
+    window: "rate",
+    lines: [["updates", "received", "received", "rates/updates"],
+      ["delivered", "delivered live", "delivered", "rates/delivered"],
+      ["stored", "stored", "stored", "rates/stored"], ["routed", "routed to a node", "routed", "rates/routed"],
+      ["rejected", "rejected or failed", "rejected", "rates/rejected/all"]],
   },
   {
     id: "chart-latency", title: "Delivery latency, PUT received → frame written", unit: "ms (log)",
-    log: true, lines: [["p50", "p50", "delivered"], ["p95", "p95", "stored"], ["p99", "p99", "rejected"]],
+    log: true, window: "latency",
+    lines: [["p50", "p50", "delivered", "latency_ms/p50"], ["p95", "p95", "stored", "latency_ms/p95"],
+      ["p99", "p99", "rejected", "latency_ms/p99"]],
   },
   {
     id: "chart-webpush", title: "WebPush received per second (POST /wpush/)", unit: "messages / s",
-    lines: [["webpush_incoming", "received", "received"], ["webpush_delivered", "delivered live", "delivered"],
-      ["webpush_stored", "stored", "stored"], ["webpush_routed", "routed to a node", "routed"],
-      ["webpush_rejected", "rejected or failed", "rejected"]],
+    window: "rate",
+    lines: [["webpush_incoming", "received", "received", "webpush/rates/incoming"],
+      ["webpush_delivered", "delivered live", "delivered", "webpush/rates/delivered"],
+      ["webpush_stored", "stored", "stored", "webpush/rates/stored"],
+      ["webpush_routed", "routed to a node", "routed", "webpush/rates/routed"],
+      ["webpush_rejected", "rejected or failed", "rejected", "webpush/rates/rejected/all"]],
   },
   {
     id: "chart-webpush-latency", title: "WebPush latency, POST received → frame written", unit: "ms (log)",
-    log: true,
-    lines: [["webpush_p50", "p50", "delivered"], ["webpush_p95", "p95", "stored"], ["webpush_p99", "p99", "rejected"]],
+    log: true, window: "latency",
+    lines: [["webpush_p50", "p50", "delivered", "webpush/latency_ms/p50"],
+      ["webpush_p95", "p95", "stored", "webpush/latency_ms/p95"],
+      ["webpush_p99", "p99", "rejected", "webpush/latency_ms/p99"]],
   },
   {
-    id: "chart-devices-traffic", title: "Device traffic per second", unit: "events / s",
-    lines: [["connect", "connections", "connect"], ["disconnect", "disconnections", "disconnect"],
-      ["acks", "acks", "acks"]],
+    id: "chart-devices-traffic", title: "Device traffic per second", unit: "events / s", window: "rate",
+    lines: [["connect", "connections", "connect", "rates/connect"],
+      ["disconnect", "disconnections", "disconnect", "rates/disconnect"], ["acks", "acks", "acks", "rates/acks"]],
   },
-  { id: "chart-devices", title: "Devices connected", unit: "devices", lines: [["devices", "devices", "delivered"]] },
-  { id: "chart-storage", title: "Storage check round trip", unit: "ms", lines: [["storage_rtt_ms", "round trip", "routed"]] },
+  {
+    id: "chart-devices", title: "Devices connected", unit: "devices", window: "now",
+    lines: [["devices", "devices", "delivered", "devices"]],
+  },
+  {
+    id: "chart-storage", title: "Storage check round trip", unit: "ms", window: "check",
+    lines: [["storage_rtt_ms", "round trip", "routed", "storage/rtt_ms"]],
+  },
 ];
+
+// What a legend's numbers cover, by the chart's `window`.
+function windowLabel(chart, view) {
+  if (chart.window === "rate") return `last ${view.rate_window_s} s`;
+  if (chart.window === "latency") return `last ${view.latency_window_s} s`;
+  return chart.window === "now" ? "now" : "last check";
+}
 
 let series = null;   // the plotted window: {t: [...], <name>: [...]}
 let lastT = 0;
@@ -147,9 +173,10 @@ function niceStep(span, ticks) {
   return power * (unit <= 1 ? 1 : unit <= 2 ? 2 : unit <= 5 ? 5 : 10);
 }
 
-function clock(t) {
+function clock(t, seconds) {
   const d = new Date(t * 1000);
-  return String(d.getHours()).padStart(2, "0") + ":" + String(d.getMinutes()).padStart(2, "0");
+  const parts = [d.getHours(), d.getMinutes()].concat(seconds ? [d.getSeconds()] : []);
+  return parts.map((part) => String(part).padStart(2, "0")).join(":");
 }
 
 function yLabel(v) {
@@ -166,14 +193,19 @@ function svg(tag, attrs, content) {
 function drawChart(chart, view) {
   const figure = document.getElementById(chart.id);
   if (!figure.firstChild) {
-    figure.innerHTML = `<h2>${chart.title}</h2><div class="legend"></div><svg role="img" aria-label="${chart.title}"></svg>`;
+    const legend = chart.lines.map(([, label, colour, key]) =>
+      `<span><i class="sw" style="background: var(--${colour})"></i>${label} <b data-key="${key}"></b></span>`);
+    figure.innerHTML = `<h2>${chart.title}</h2><div class="legend"><span class="window"></span>${legend.join("")}</div>`
+      + `<svg role="img" aria-label="${chart.title}"></svg>`;
   }
+  figure.querySelector(".legend .window").textContent = windowLabel(chart, view) + ":";
   const width = Math.max(figure.clientWidth - 28, 300);
   const plotW = width - MARGIN.left - MARGIN.right;
   const plotH = HEIGHT - MARGIN.top - MARGIN.bottom;
   const t1 = view.t;
-  const t0 = t1 - WINDOW_S;
-  const x = (t) => MARGIN.left + ((t - t0) / WINDOW_S) * plotW;
+  const t0 = Math.max(t1 - WINDOW_S, Math.min(view.start_t, t1 - 1));
+  const span = t1 - t0;
+  const x = (t) => MARGIN.left + ((t - t0) / span) * plotW;
 
   const values = chart.lines.flatMap(([name]) => series[name].filter((v) => v != null && (!chart.log || v > 0)));
   let y;
@@ -197,11 +229,12 @@ function drawChart(chart, view) {
     parts += svg("line", { class: "grid", x1: MARGIN.left, x2: width - MARGIN.right, y1: yy, y2: yy });
     parts += svg("text", { x: MARGIN.left - 6, y: +yy + 4, "text-anchor": "end" }, yLabel(v));
   }
-  const firstTick = Math.ceil(t0 / 180) * 180;
-  for (let t = firstTick; t <= t1; t += 180) {
+  const step = TICK_STEPS_S.find((s) => span / s <= 6) || TICK_STEPS_S[TICK_STEPS_S.length - 1];
+  for (let t = Math.ceil(t0 / step) * step; t <= t1; t += step) {
     const xx = x(t).toFixed(1);
     parts += svg("line", { class: "grid", x1: xx, x2: xx, y1: MARGIN.top, y2: MARGIN.top + plotH });
-    parts += svg("text", { x: xx, y: HEIGHT - 8, "text-anchor": "middle" }, clock(t));
+    const anchor = x(t) > width - MARGIN.right - 30 ? "end" : "middle";  // not cut at the edge
+    parts += svg("text", { x: xx, y: HEIGHT - 8, "text-anchor": anchor }, clock(t, step < 60));
   }
   parts += svg("line", { class: "axis", x1: MARGIN.left, x2: width - MARGIN.right, y1: MARGIN.top + plotH, y2: MARGIN.top + plotH });
   parts += svg("line", { class: "axis", x1: MARGIN.left, x2: MARGIN.left, y1: MARGIN.top, y2: MARGIN.top + plotH });
@@ -223,7 +256,8 @@ function drawChart(chart, view) {
     if (d) parts += svg("path", { class: "line", "data-series": name, d, stroke: `var(--${colour})`, "stroke-linecap": "round" });
   }
   if (!points) {
-    parts += svg("text", { class: "empty", x: MARGIN.left + plotW / 2, y: MARGIN.top + plotH / 2, "text-anchor": "middle" }, "no data in the last 15 minutes");
+    const empty = span < WINDOW_S ? "no data since the server started" : "no data in the last 15 minutes";
+    parts += svg("text", { class: "empty", x: MARGIN.left + plotW / 2, y: MARGIN.top + plotH / 2, "text-anchor": "middle" }, empty);
   }
   const element = figure.querySelector("svg");
   element.setAttribute("width", width);
@@ -231,25 +265,17 @@ function drawChart(chart, view) {
   element.setAttribute("viewBox", `0 0 ${width} ${HEIGHT}`);
   element.dataset.points = String(series.t.length);
   element.innerHTML = parts;
-
-  const last = series.t.length - 1;
-  figure.querySelector(".legend").innerHTML = chart.lines.map(([name, label, colour]) => {
-    const value = last < 0 ? null : series[name][last];
-    const shown = chart.unit.startsWith("ms") ? fmtMs(value) : chart.unit === "devices" ? fmtCount(value) : fmtRate(value);
-    return `<span><i class="sw" style="background: var(--${colour})"></i>${label} <b>${shown}</b></span>`;
-  }).join("");
 }
 
 function render(view) {
   if (view.t == null) return;
   absorb(view);
+  CHARTS.forEach((chart) => drawChart(chart, view));  // first: their legends hold data-keys
   document.querySelectorAll("[data-key]").forEach((el) => show(el, view));
   renderWorkers(view);
   renderErrors(view);
-  CHARTS.forEach((chart) => drawChart(chart, view));
   document.getElementById("version").textContent = "version " + view.version;
-  document.getElementById("rate-window").textContent = view.rate_window_s;
-  document.getElementById("latency-window").textContent = view.latency_window_s;
+  document.querySelectorAll(".rate-window").forEach((el) => { el.textContent = view.rate_window_s; });
   document.querySelectorAll(".latency-window").forEach((el) => { el.textContent = view.latency_window_s; });
   const badge = document.getElementById("storage-badge");
   badge.textContent = view.storage.ok ? "storage OK" : "storage DOWN";

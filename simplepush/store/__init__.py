@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from simplepush.protocol import Wakeup
 from simplepush.updates import Update
@@ -27,7 +28,7 @@ class StoreError(Exception):
 class WrongUAID(Exception):
     """hello: the record is of the other kind, or absent where it must exist.
 
-    The session then starts the device over with a new UAID (WEBPUSH.md 7.8).
+    The session then starts the device over with a new UAID (docs/WEBPUSH.md).
     """
 
 
@@ -131,6 +132,10 @@ class Store(ABC):
     async def sweep(self) -> int:
         """Delete a bounded slice of expired messages; how many (backends that expire
         on their own answer 0)."""
+
+    async def stats(self) -> dict[str, Any]:
+        """What /realstatus tells operators of the backend's data; nothing by default."""
+        return {}
 
     @abstractmethod
     async def check(self) -> None:
