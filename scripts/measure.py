@@ -174,14 +174,15 @@ def one_run(args: argparse.Namespace, bench_args: list[str], statsd_port: int | 
     port = free_port()
     pids: list[int] = []
     memcached = None
-    settings = list(args.set)
+    # Workers' router ports (sqlite or memcached with several processes): a free run of
+    # them, as a fixed port could be an outgoing connection's; --set may still name one.
+    settings = [f"server.router_port={free_port_run(16)}", *args.set]
     if args.memcached:
         memcached, memcached_port = start_memcached()
         pids.append(memcached.pid)
         settings[:0] = [
             "storage.backend=memcached",
             f"storage.servers=127.0.0.1:{memcached_port}",
-            f"server.router_port={free_port_run(16)}",
         ]
     with tempfile.TemporaryDirectory() as tmp:
         trust = None
