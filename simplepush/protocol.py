@@ -159,7 +159,8 @@ def parse(text: str, identified: bool, webpush: bool = False) -> Outcome:
         return Drop("JSON nested too deeply")
 
 
-def _parse(text: str, identified: bool) -> Outcome:
+def _load(text: str) -> dict[str, Any] | Drop:
+    """The frame's JSON object, or why the socket is dropped (both kinds of session)."""
     try:
         # Strict RFC 8259: NaN/Infinity would be echoed back as invalid JSON.
         obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
@@ -167,6 +168,13 @@ def _parse(text: str, identified: bool) -> Outcome:
         return Drop("invalid JSON")
     if type(obj) is not dict:
         return Drop("frame is not a JSON object")
+    return obj
+
+
+def _parse(text: str, identified: bool) -> Outcome:
+    obj = _load(text)
+    if type(obj) is Drop:
+        return obj
     if not obj:
         return PING
     mtype = obj.get("messageType")
@@ -194,12 +202,9 @@ def _parse_webpush(text: str) -> Outcome:
     Unknown or malformed commands are ignored; only frames that are not JSON
     objects close, as in SimplePush.
     """
-    try:
-        obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
-    except ValueError:
-        return Drop("invalid JSON")
-    if type(obj) is not dict:
-        return Drop("frame is not a JSON object")
+    obj = _load(text)
+    if type(obj) is Drop:
+        return obj
     if not obj:
         return PING
     mtype = obj.get("messageType")

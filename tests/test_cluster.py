@@ -192,14 +192,14 @@ def token_key() -> str:
 
 @pytest.fixture
 def cluster(tmp_path: Path, memcached_proc: Memcached, token_key: str):
-    """cluster(processes=1, admin_port=0) -> a started Server on the shared memcached and
-    token key; its dashboard is off unless given a port.
+    """cluster(processes=1, admin_port=0, level="info") -> a started Server on the shared
+    memcached and token key, logging at `level`; its dashboard is off unless given a port.
 
     Every process of every server (workers included) is killed at teardown.
     """
     servers: list[Server] = []
 
-    def _start(processes: int = 1, admin_port: int = 0) -> Server:
+    def _start(processes: int = 1, admin_port: int = 0, level: str = "info") -> Server:
         port, router_port = free_port(), free_ports(processes)
         name = f"node{len(servers)}"
         log = tmp_path / f"{name}.log"
@@ -218,7 +218,7 @@ def cluster(tmp_path: Path, memcached_proc: Memcached, token_key: str):
             "timeout = 1\n"
             "[logging]\n"
             f"output = {log}\n"
-            "level = info\n"
+            f"level = {level}\n"
             f"[admin]\nport = {admin_port}\n",
             encoding="utf-8",
         )

@@ -21,7 +21,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,18 +29,19 @@ from urllib.parse import urlsplit
 import pytest
 import websocket
 
-from simplepush.tokens import generate_key
 from simplepush.webpush import MAX_BODY
-from tests.conftest import Memcached, free_port, new_id
-from tests.test_cluster import (
+from tests.conftest import new_id
+from tests.test_cluster import (  # noqa: F401 (cluster, memcached_proc, token_key: fixtures)
     EXIT_TIMEOUT,
     IO_TIMEOUT,
     SUPERSEDED,
     Device,
     Response,
     Server,
-    free_ports,
+    cluster,
     gone,
+    memcached_proc,
+    token_key,
     wait_until,
     worker_pids,
 )
@@ -55,56 +56,11 @@ PROC_POLL = 0.005
 
 
 @pytest.fixture
-def memcached_proc() -> Iterator[Memcached]:
-    """Each test's own memcached (tests/test_cluster.py's fixture)."""
-    server = Memcached()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def token_key() -> str:
-    return generate_key()
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, memcached_proc: Memcached, token_key: str):
-    """cluster(processes=2) -> a started Server on the test's memcached, logging at debug;
-    every process of every server is killed at teardown."""
-    servers: list[Server] = []
-
-    def _start(processes: int = 2) -> Server:
-        port, router_port = free_port(), free_ports(processes)
-        name = f"node{len(servers)}"
-        log = tmp_path / f"{name}.log"
-        config = tmp_path / f"{name}.ini"
-        config.write_text(
-            "[server]\n"
-            f"port = {port}\n"
-            f"endpoint_url = http://127.0.0.1:{port}\n"
-            f"processes = {processes}\n"
-            "max_connections = 1000\n"
-            f"token_key = {token_key}\n"
-            f"router_port = {router_port}\n"
-            "[storage]\n"
-            "backend = memcached\n"
-            f"servers = {memcached_proc.address}\n"
-            "timeout = 1\n"
-            "[logging]\n"
-            f"output = {log}\n"
-            "level = debug\n"
-            "[admin]\nport = 0\n",
-            encoding="utf-8",
-        )
-        server = Server(config, port, router_port, processes, log, tmp_path / f"{name}.stderr")
-        servers.append(server)
-        server.launch()
-        return server
-
-    yield _start
-    for server in servers:
-        server.kill_all()
+def two_workers(request: pytest.FixtureRequest) -> Callable[[], Server]:
+    """two_workers() -> a started server of two workers on the test's memcached, logging at
+    debug (each POST's outcome is read from the log); tests/test_cluster.py's `cluster`."""
+    start = request.getfixturevalue("cluster")
+    return lambda: start(processes=2, level="debug")
 
 
 def _proc_address(port: int) -> str:
@@ -318,11 +274,11 @@ def phone_on(phones, server: Server, worker: int) -> Phone:
 # --- routing between workers ------------------------------------------------------------
 
 
-def test_posts_landing_on_either_worker_reach_the_device_exactly_once_in_order(cluster, phones):
+def test_posts_landing_on_either_worker_reach_the_device_exactly_once_in_order(two_workers, phones):
     """The kernel spreads POSTs over both workers: those on the device's worker are
     delivered there, the others routed to it. Every one is 201 and arrives once, in order,
     with its exact body; acked, nothing comes again on a new socket."""
-    server = cluster(processes=2)
+    server = two_workers()
     workers = worker_pids(server)
     device = phones(server)
     device.hello()
@@ -351,10 +307,10 @@ def test_posts_landing_on_either_worker_reach_the_device_exactly_once_in_order(c
     again.expect_silence()
 
 
-def test_the_newest_connection_wins_across_workers(cluster, phones):
+def test_the_newest_connection_wins_across_workers(two_workers, phones):
     """A second socket with the same uaid on the other worker takes the device: the first
     is closed with 4000 and every later message, on either worker, goes to the new one."""
-    server = cluster(processes=2)
+    server = two_workers()
     workers = worker_pids(server)
     old = phones(server)
     old.hello()
@@ -384,11 +340,11 @@ def test_the_newest_connection_wins_across_workers(cluster, phones):
 # --- kill -9 ----------------------------------------------------------------------------------
 
 
-def test_messages_answered_201_survive_kill_9_of_the_whole_server(cluster, phones):
+def test_messages_answered_201_survive_kill_9_of_the_whole_server(two_workers, phones):
     """Messages for an offline device are in memcached before the 201: after kill -9 of
     the supervisor and both workers and a restart, the device says hello with its uaid,
     keeps it, and gets every one exactly once, in order; acked, they are gone for good."""
-    server = cluster(processes=2)
+    server = two_workers()
     device = phones(server)
     device.hello()
     chid = new_id()
