@@ -169,16 +169,15 @@ class Session:
             await store.drop(key)
             key = uaid = new_uaid()
             outcome = "reset"
-        elif hello.channel_count and not await store.known(key):
-            key = uaid = new_uaid()
-            outcome = "reset"
         holder = Holder(node.router.url, self.connected_at)
         registry = node.registry
         registry.arrive(key, self)
         try:
-            # A WebPush UAID is echoed only if the server knows it: Firefox keeps its
-            # subscriptions exactly when it gets its own UAID back (docs/WEBPUSH.md).
-            create = outcome != "known" or not webpush
+            # A UAID is echoed only if the server knows it when the device has
+            # subscriptions under it: a SimplePush device that lists channels, and every
+            # WebPush one (Firefox keeps its subscriptions exactly when it gets its own
+            # UAID back, docs/WEBPUSH.md). Any other may bring a UAID of its own.
+            create = outcome != "known" or not (webpush or hello.channel_count)
             other = await store.hello(key, hello.wakeup, holder, webpush, create)
         except WrongUAID:
             # Unknown, or of the other kind: start over under a new UAID (docs/WEBPUSH.md).
