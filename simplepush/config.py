@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from simplepush.logs import collector_address
 from simplepush.store.sqlite_file import Unusable, check_path
 from simplepush.tokens import is_valid_key
+from simplepush.wakeup import Network, Operator, outside, parse_networks, parse_operators
 
 
 class ConfigError(Exception):
@@ -84,6 +85,16 @@ class AdminSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class WakeupSettings:
+    """UDP wake-up (docs/PROTOCOL.md): off while `networks` is empty."""
+
+    networks: tuple[Network, ...] = ()
+    mobile_networks: dict[Operator, tuple[Network, ...]] = field(default_factory=dict)
+    min_interval: int = 30  # seconds between two datagrams to one device
+    close_after_hello: bool = False  # close 4774 once a wakeable device has nothing unacked
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     path: str = "config.ini"
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -91,6 +102,7 @@ class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    wakeup: WakeupSettings = field(default_factory=WakeupSettings)
 
 
 def _integer(low: int, high: int) -> Callable[[str], int]:
@@ -136,6 +148,13 @@ def _choice(*choices: str) -> Callable[[str], str]:
         return text.lower()
 
     return convert
+
+
+def _boolean(text: str) -> bool:
+    value = configparser.ConfigParser.BOOLEAN_STATES.get(text.lower())
+    if value is None:
+        raise ValueError(f"must be true or false, got {text!r}")
+    return value
 
 
 def _nonempty(text: str) -> str:
@@ -184,12 +203,24 @@ def _admin_token(text: str) -> str:
 def _log_output(text: str) -> str:
     if not text:
         raise ValueError("must be stdout, stderr, a file path, udp://host:port or tcp://host:port")
-    collector = collector_address(text)  # a malformed udp:// or tcp:// URL raises ValueError
+    collector = collector_address(text)  # a malformed or unknown URL raises ValueError
     if collector is None and text not in ("stdout", "stderr"):
-        directory = os.path.dirname(text) or "."
-        if not os.path.isdir(directory):
-            raise ValueError(f"{text}: no such directory")
+        _check_log_file(text)
     return text
+
+
+def _check_log_file(path: str) -> None:
+    """Refuse a file the server could not append to, before opening it ends in a traceback."""
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        raise ValueError(f"{path}: no such directory")
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory")
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{path}: not writable by this user")
+    elif not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: directory {directory} is not writable by this user")
 
 
 _PORT = _integer(1, 65535)
@@ -243,6 +274,13 @@ _SCHEMA: dict[str, dict[str, Callable[[str], object]]] = {
         "port": _integer(0, 65535),
         "token": _admin_token,
     },
+    "wakeup": {
+        "networks": parse_networks,
+        "mobile_networks": parse_operators,
+        # memcached counts expiry in whole seconds, and 0 would mean "never".
+        "min_interval": _integer(1, 86400),
+        "close_after_hello": _boolean,
+    },
 }
 
 _SECTION_TYPES = {
@@ -251,6 +289,7 @@ _SECTION_TYPES = {
     "logging": LoggingSettings,
     "metrics": MetricsSettings,
     "admin": AdminSettings,
+    "wakeup": WakeupSettings,
 }
 
 
@@ -389,6 +428,11 @@ def _check_together(settings: Settings) -> None:
             check_path(settings.storage.path)
         except Unusable as exc:
             raise ConfigError(f"{path}: [storage] path: {exc}") from None
+    stray = outside(settings.wakeup.mobile_networks, settings.wakeup.networks)
+    if stray is not None:
+        raise ConfigError(
+            f"{path}: [wakeup] mobile_networks: {stray} is not inside [wakeup] networks"
+        )
     if admin.port and admin.port == server.port:
         raise ConfigError(f"{path}: [admin] port: {admin.port} is [server] port; pick another")
     routers = range(server.router_port, server.router_port + worker_count(server))

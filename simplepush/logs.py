@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import queue
+import re
 import socket
 import sys
 import threading
@@ -94,6 +95,8 @@ class MozlogFormatter(JsonFormatter):
             fields["msg"] = record.getMessage()
         if "exc_info" in message_dict:
             fields["exc_info"] = message_dict["exc_info"]
+        # A double's value (created is a float): Heka's json.lua, whose numbers are doubles,
+        # gives the message this Timestamp to the nanosecond (tests/test_heka.py).
         log_data["Timestamp"] = int(record.created * 1_000_000_000)
         log_data["Type"] = event_type
         log_data["Logger"] = self._logger_name
@@ -130,14 +133,25 @@ def _text_value(value: Any) -> str:
     return text
 
 
+# RFC 3986's scheme: what makes `name://...` a URL rather than a file path.
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+
 def collector_address(output: str) -> tuple[str, str, int] | None:
     """(scheme, host, port) of a udp:// or tcp:// output, None for stdout/stderr/a file.
 
-    Raises ValueError naming the expected shape when the URL is malformed.
+    Raises ValueError naming the expected shape when the URL is malformed or
+    has another scheme (http://, file://, ...), which would otherwise be taken
+    for a file path.
     """
     scheme, sep, rest = output.partition("://")
-    if not sep or scheme not in ("udp", "tcp"):
+    if not sep or not _URL_SCHEME.fullmatch(scheme):
         return None
+    if scheme not in ("udp", "tcp"):
+        raise ValueError(
+            f"{output!r}: {scheme}:// is not an output; use udp://host:port, tcp://host:port,"
+            " stdout, stderr or a file path"
+        )
     host, colon, port = rest.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

@@ -4,7 +4,7 @@ The store records which node holds each UAID's socket (a Holder). This
 node writes to its own sockets and asks the holding node, through Peers,
 to write to its; when nobody holds the device, or the holder is gone, the
 update stays stored and reaches the device in the flush after its next
-hello.
+hello, which a UDP wake-up may hasten (waker.py).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from simplepush.peers import Peers
 from simplepush.registry import Registry
 from simplepush.store import Enqueued, Holder, Store, StoreError
 from simplepush.updates import Update
+from simplepush.waker import Waker
 from simplepush.webpush import Message
 
 
@@ -37,13 +38,20 @@ class Delivery(enum.Enum):
 
 class Router:
     def __init__(
-        self, store: Store, registry: Registry, peers: Peers, metrics: Metrics, url: str
+        self,
+        store: Store,
+        registry: Registry,
+        peers: Peers,
+        metrics: Metrics,
+        url: str,
+        waker: Waker | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
         self._peers = peers
         self._metrics = metrics
         self.url = url  # this node's name in Holder records
+        self.waker = waker  # None: UDP wake-up is off
         self._background: set[asyncio.Future[None]] = set()
 
     async def notify(self, uaid: str, chid: str, version: int, data: str | None) -> Delivery:
@@ -69,7 +77,7 @@ class Router:
     async def _send(self, uaid: str, item: Update | Message, holder: Holder | None) -> Delivery:
         """Write a stored item to the device's socket, here or on the holding node."""
         if holder is None:
-            return Delivery.STORED
+            return self._stored(uaid, item)
         if holder.node == self.url:
             session = self._registry.get(uaid)
             if session is not None and session.deliver(item):
@@ -86,6 +94,12 @@ class Router:
             self._metrics.incr("updates.routed.error")
         # The holder no longer has the socket: forget it unless a newer one took over.
         await self._store.release(uaid, holder)
+        return self._stored(uaid, item)
+
+    def _stored(self, uaid: str, item: Update | Message) -> Delivery:
+        """The device is connected nowhere: wake it, unless the item was not kept (TTL 0)."""
+        if self.waker is not None and (type(item) is not Message or item.ttl > 0):
+            self._spawn(self.waker.wake(uaid))
         return Delivery.STORED
 
     def displaced(self, uaid: str, older: Holder) -> None:
@@ -98,12 +112,14 @@ class Router:
         self._spawn(self._release(uaid, Holder(self.url, connected_at)))
 
     async def close(self) -> None:
-        """Stop the releases still running, and wait until they have."""
+        """Stop the releases and wake-ups still running, and wait until they have."""
         self._peers.close()
         tasks = list(self._background)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.waker is not None:
+            self.waker.close()
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)

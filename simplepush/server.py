@@ -43,6 +43,7 @@ from simplepush.store.sqlite_file import Unusable
 from simplepush.supervisor import supervise
 from simplepush.tokens import TokenCodec, generate_key
 from simplepush.vapid import Verifier
+from simplepush.waker import Waker
 from simplepush.web import make_app
 
 GOING_AWAY = (1001, "server shutting down")
@@ -139,10 +140,12 @@ def build_node(settings: Settings, index: int = 0) -> Node:
     store = build_store(settings.storage)
     registry = Registry()
     peers = Peers(router_secrets(keys)[0])
+    wakeup = settings.wakeup
+    waker = Waker(wakeup, store, metrics) if wakeup.networks else None
     node = Node(
         store=store,
         registry=registry,
-        router=Router(store, registry, peers, metrics, node_url(settings, index)),
+        router=Router(store, registry, peers, metrics, node_url(settings, index), waker),
         tokens=TokenCodec(keys),
         metrics=metrics,
         stats=stats,

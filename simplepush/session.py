@@ -9,12 +9,13 @@ socket is a Transport it writes to and closes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from typing import Any, Protocol
 
-from simplepush import protocol
+from simplepush import protocol, wakeup
 from simplepush.logs import event, log
 from simplepush.node import Node
 from simplepush.protocol import (
@@ -30,7 +31,7 @@ from simplepush.protocol import (
     WebPushAck,
 )
 from simplepush.registry import SUPERSEDED
-from simplepush.store import Holder, StoreError, WrongUAID
+from simplepush.store import Fresh, Holder, StoreError, WrongUAID
 from simplepush.updates import Update
 from simplepush.vapid import key_hash
 from simplepush.webpush import Message
@@ -54,6 +55,9 @@ def new_uaid() -> str:
     return uuid.uuid4().hex
 
 
+# [wakeup] close_after_hello: seconds without a frame either way before a sleeping device's
+# 4774 close (Session._rest): the registers that follow a new device's hello fit in it.
+QUIET_BEFORE_SLEEP = 1.0
 # WebPush messages a flush sends before it waits for acks: what waits beyond it follows as
 # acks come in, so a long queue never fills the socket's write buffer (connection.py).
 FLUSH_WINDOW = 64
@@ -62,10 +66,13 @@ _NO_IDS: set[str] = frozenset()  # type: ignore[assignment]  # never written to
 
 class Session:
     __slots__ = (
+        "_fresh",
         "_last_ping",
         "_more",
+        "_nap",
         "_node",
         "_sent",
+        "_sleeps",
         "_transport",
         "_unacked",
         "closed",
@@ -92,11 +99,19 @@ class Session:
         # a SimplePush socket does not pay for the set.
         self._unacked: set[str] = _NO_IDS
         self._more = False
+        # A UAID made up at hello, until its first register writes it (store.Fresh).
+        self._fresh: Fresh | None = None
+        # [wakeup] close_after_hello, for a device that gave a usable wake-up address.
+        self._sleeps = False
+        self._nap: asyncio.TimerHandle | None = None  # the coming 4774 close, see _rest
 
     async def receive(self, text: str) -> None:
         """Handle one text frame; storage trouble becomes a 503 and a close."""
         outcome = protocol.parse(text, self.key is not None, self.webpush)
         kind = type(outcome)
+        if self._nap is not None:  # awake: no 4774 while this frame is handled
+            self._nap.cancel()
+            self._nap = None
         try:
             if kind is WebPushAck:
                 await self._webpush_ack(outcome)
@@ -126,6 +141,8 @@ class Session:
             raw: dict[str, Any] = outcome.raw  # only commands with a frame reach the store
             self._transport.send(protocol.error_reply(raw, 503))
             self.close(SERVER_ERROR, "storage unavailable")
+        if self._sleeps:
+            self._rest()
 
     def _ping(self) -> None:
         node = self._node
@@ -163,34 +180,36 @@ class Session:
         key, uaid, outcome = hello.key, hello.uaid, "known"
         store = node.store
         if not key:
-            key = uaid = new_uaid()
             outcome = "new"
         elif hello.channel_count > node.max_channels:
             await store.drop(key)
-            key = uaid = new_uaid()
             outcome = "reset"
         holder = Holder(node.router.url, self.connected_at)
         registry = node.registry
-        registry.arrive(key, self)
-        try:
-            # A UAID is echoed only if the server knows it when the device has
-            # subscriptions under it: a SimplePush device that lists channels, and every
-            # WebPush one (Firefox keeps its subscriptions exactly when it gets its own
-            # UAID back, docs/WEBPUSH.md). Any other may bring a UAID of its own.
-            create = outcome != "known" or not (webpush or hello.channel_count)
-            other = await store.hello(key, hello.wakeup, holder, webpush, create)
-        except WrongUAID:
-            # Unknown, or of the other kind: start over under a new UAID (docs/WEBPUSH.md).
-            registry.arrived(key, self)
-            await store.drop(key)
-            key = uaid = new_uaid()
-            outcome = "reset"
+        other = None
+        if outcome == "known":
             registry.arrive(key, self)
-            other = await store.hello(key, hello.wakeup, holder, webpush)
-        finally:
-            registry.arrived(key, self)
+            try:
+                # A UAID is echoed only if the server knows it when the device has
+                # subscriptions under it: a SimplePush device that lists channels, and
+                # every WebPush one (Firefox keeps its subscriptions exactly when it gets
+                # its own UAID back, docs/WEBPUSH.md). Any other may bring its own UAID.
+                create = not (webpush or hello.channel_count)
+                other = await store.hello(key, hello.wakeup, holder, webpush, create)
+            except WrongUAID:
+                # Unknown, or of the other kind: start over under a new UAID (docs/WEBPUSH.md).
+                outcome = "reset"
+            finally:
+                registry.arrived(key, self)
+            if outcome == "reset":
+                await store.drop(key)
+        if outcome != "known":
+            # The store first hears of a UAID made up here at its first register.
+            key = uaid = new_uaid()
+            self._fresh = Fresh(holder, webpush, hello.wakeup)
         if self.closed:
-            await store.release(key, holder)
+            if self._fresh is None:
+                await store.release(key, holder)
             return
         newer = other is not None and other.connected_at > self.connected_at
         if newer or not registry.claim(key, self):
@@ -214,6 +233,9 @@ class Session:
         event(logging.DEBUG, "websocket.identified", uaid=uaid, uaid_state=outcome)
         self._transport.send(protocol.hello_reply(uaid, webpush))
         await self._flush()
+        waker = node.router.waker
+        if waker is not None and waker.sleeps(hello.wakeup):
+            self._sleeps = True
 
     async def _register(self, register: Register) -> None:
         node = self._node
@@ -224,8 +246,10 @@ class Session:
                 event(logging.INFO, "websocket.bad_key", channelID=register.channel_id)
                 self._transport.send(protocol.error_reply(register.raw, 401, "Invalid Key"))
                 return
+        # Cleared first: whatever the outcome, the store may now hold the UAID's record.
+        fresh, self._fresh = self._fresh, None
         registered = await node.store.register(
-            self.key, register.key, register.channel_id, node.max_channels
+            self.key, register.key, register.channel_id, node.max_channels, fresh
         )
         event(
             logging.DEBUG,
@@ -298,10 +322,31 @@ class Session:
         if self._more and len(unacked) <= FLUSH_WINDOW // 2:
             await self._flush()
 
+    def _rest(self) -> None:
+        """(Re)start the count to a sleeping device's 4774 close, if nothing waits for its ack.
+
+        It then stays away until a UDP datagram wakes it (docs/PROTOCOL.md). The
+        close waits for QUIET_BEFORE_SLEEP s without a frame either way: closed
+        before its acks, it would be sent the same updates at every wake-up, and
+        closed straight after its hello, a new device could never register.
+        """
+        if self._nap is not None:
+            self._nap.cancel()
+            self._nap = None
+        idle = not self._unacked and not self._more if self.webpush else not self._sent
+        if idle and not self.closed:
+            loop = asyncio.get_running_loop()
+            self._nap = loop.call_later(QUIET_BEFORE_SLEEP, self._sleep)
+
+    def _sleep(self) -> None:
+        self._nap = None
+        self.close(wakeup.CLOSE_CODE, wakeup.CLOSE_REASON)
+
     async def _flush_messages(self) -> int:
         """Send the queued WebPush messages not yet on the wire, up to FLUSH_WINDOW unacked."""
         unacked = self._unacked
-        fresh = [m for m in await self._node.store.messages(self.key) if m.id not in unacked]
+        stored = [] if self._fresh is not None else await self._node.store.messages(self.key)
+        fresh = [m for m in stored if m.id not in unacked]
         batch = fresh[: max(FLUSH_WINDOW - len(unacked), 0)]
         self._more = len(fresh) > len(batch)
         for message in batch:
@@ -334,7 +379,7 @@ class Session:
                 event(logging.DEBUG, "websocket.flush", uaid=self.uaid, updates=sent)
             return
         self._sent = sent = {}
-        pending = await self._node.store.pending(self.key)
+        pending = [] if self._fresh is not None else await self._node.store.pending(self.key)
         pending = [u for u in pending if sent.get(u.channel_id, -1) < u.version]
         for update in pending:
             sent[update.channel_id] = update.version
@@ -353,6 +398,8 @@ class Session:
 
     def deliver(self, update: Update | Message) -> bool:
         """A live update or message from the router; False if the socket is gone."""
+        if self._nap is not None:  # a sleeping device: a second more, to ack this
+            self._rest()
         if type(update) is Message:
             if not self.webpush or update.id in self._unacked:
                 return not self.closed  # written already (or not for this kind of session)
@@ -379,7 +426,10 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        if self._nap is not None:
+            self._nap.cancel()
         if self.key is not None:
             self._node.devices -= 1
             self._node.registry.release(self.key, self)
-            self._node.router.disconnected(self.key, self.connected_at)
+            if self._fresh is None:
+                self._node.router.disconnected(self.key, self.connected_at)

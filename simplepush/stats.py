@@ -81,6 +81,8 @@ WEBPUSH_REJECTED = {
     "500": ("post.internal_error",),
     "503": ("post.storage_error",),
 }
+# UDP wake-ups since start (docs/PROTOCOL.md): JSON key, counter.
+WAKEUPS = {"sent": "wakeup.sent", "refused": "wakeup.refused", "failed": "wakeup.error"}
 WEBPUSH_PREFIX = "webpush_"  # the WebPush plot series: webpush_<rate>, webpush_p50, ...
 ERROR_PREFIX = "error."  # counters of warning and error events, by their log Type
 
@@ -435,6 +437,7 @@ def view(workers: Sequence[Worker], at: int | None = None, since: int = 0) -> di
             "last_error": last.get("last_error", ""),
             "last_error_at": last.get("last_error_at"),
         },
+        "wakeup": {key: totals.get(name, 0) for key, name in WAKEUPS.items()},
         "errors": {
             name[len(ERROR_PREFIX) :]: {"total": totals[name], "rate": _rate(recent, (name,))}
             for name in errors

@@ -85,6 +85,7 @@ def launch(
     token_key: str | None = None,
     admin: dict[str, str] | None = None,
     storage: dict[str, str] | None = None,
+    metrics: dict[str, str] | None = None,
     **logging: str,
 ) -> Server:
     """The console script on a free port with these [logging] settings, answering /status.
@@ -105,7 +106,9 @@ def launch(
         + "[admin]\n"
         + "".join(f"{key} = {value}\n" for key, value in (admin or {"port": "0"}).items())
         + "[storage]\n"
-        + "".join(f"{key} = {value}\n" for key, value in (storage or {}).items()),
+        + "".join(f"{key} = {value}\n" for key, value in (storage or {}).items())
+        + "[metrics]\n"
+        + "".join(f"{key} = {value}\n" for key, value in (metrics or {}).items()),
         encoding="utf-8",
     )
     stdout, stderr = tmp_path / f"stdout-{port}.log", tmp_path / f"stderr-{port}.log"
@@ -501,6 +504,12 @@ DESIGN_DEFAULTS = {
     "logging": {"format": "auto", "output": "stdout", "level": "info", "name": "simplepush"},
     "metrics": {"statsd_host": "", "statsd_port": 8125, "prefix": "simplepush"},
     "admin": {"host": None, "port": 8081, "token": ""},  # host: router_host when empty
+    "wakeup": {
+        "networks": (),
+        "mobile_networks": {},
+        "min_interval": 30,
+        "close_after_hello": False,
+    },
 }
 
 

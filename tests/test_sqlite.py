@@ -191,7 +191,9 @@ def a_directory(path: Path) -> None:
 
 
 UNUSABLE = [
-    pytest.param(newer_schema, "newer simplepush (schema version 2", id="newer-schema"),
+    pytest.param(
+        newer_schema, f"newer simplepush (schema version {SCHEMA_VERSION + 1}", id="newer-schema"
+    ),
     pytest.param(garbage, "not an SQLite database", id="garbage"),
     pytest.param(a_directory, "not a regular file", id="directory"),
 ]

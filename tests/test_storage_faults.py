@@ -91,18 +91,27 @@ async def test_a_put_while_memcached_is_down_is_503_and_its_devices_are_sent_to_
     assert lost == [{"closed_sockets": 1}]
 
 
-@pytest.mark.parametrize("returning", [False, True], ids=["new", "returning"])
 @pytest.mark.gen_test
-async def test_a_hello_while_memcached_is_down_is_503_and_closed(
-    connect, memcached_proc, returning
-):
-    frame: dict[str, Any] = {"messageType": "hello", "uaid": "", "channelIDs": []}
-    if returning:
-        device, chid, _ = await registered(connect)
-        frame.update(uaid=device.uaid, channelIDs=[chid])
-        device.close()
+async def test_a_hello_while_memcached_is_down_is_503_and_closed(connect, memcached_proc):
+    device, chid, _ = await registered(connect)
+    frame = {"messageType": "hello", "uaid": device.uaid, "channelIDs": [chid]}
+    device.close()
     memcached_proc.stop()
     device = await connect()
+    assert await device.request(frame) == {**frame, **SERVICE_UNAVAILABLE}
+    assert await device.expect_closed() == SERVER_ERROR
+
+
+@pytest.mark.gen_test
+async def test_a_new_device_while_memcached_is_down_gets_503_at_its_register(
+    connect, memcached_proc
+):
+    """Its hello needs no storage (store.Fresh): the register is the first write, and fails."""
+    memcached_proc.stop()
+    device = await connect()
+    reply = await device.request({"messageType": "hello", "uaid": "", "channelIDs": []})
+    assert reply["status"] == 200
+    frame = {"messageType": "register", "channelID": new_id()}
     assert await device.request(frame) == {**frame, **SERVICE_UNAVAILABLE}
     assert await device.expect_closed() == SERVER_ERROR
 

@@ -24,7 +24,12 @@ from simplepush.config import StorageSettings
 from simplepush.protocol import Wakeup
 from simplepush.server import build_store
 from simplepush.store import Holder, Store, StoreError
-from simplepush.store.memcached import EMPTY_RECORD_TTL, KEY_PREFIX, MemcachedStore
+from simplepush.store.memcached import (
+    EMPTY_RECORD_TTL,
+    KEY_PREFIX,
+    WAKEUP_PREFIX,
+    MemcachedStore,
+)
 from simplepush.store.memory import MemoryStore
 from simplepush.store.sqlite import SqliteStore
 from simplepush.updates import MAX_DATA_BYTES, MAX_VERSION, Update
@@ -148,6 +153,78 @@ async def test_drop_forgets_channels_pending_and_holder(store):
     assert await store.pending(uaid) == []
     assert await store.wakeup(uaid) is None
     assert await store.update(uaid, chid, 4, None) is None
+
+
+# --- UDP wake-up claims: one node sends, at most once per interval -------------
+
+# Bounds a wait for a claim to come free again; not a performance threshold.
+CLAIM_TIMEOUT = 5.0
+
+
+async def claim_when_free(store: Store, uaid: str, interval: int) -> Wakeup:
+    """Claim until a claim succeeds; every refused one records nothing."""
+    deadline = time.monotonic() + CLAIM_TIMEOUT
+    while (wakeup := await store.claim_wakeup(uaid, interval)) is None:
+        assert time.monotonic() < deadline, f"no claim came free in {CLAIM_TIMEOUT} s"
+        await asyncio.sleep(0.05)
+    return wakeup
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_a_wakeup_claim_gives_the_address_at_most_once_per_interval(store):
+    uaid = new_key()
+    assert await store.claim_wakeup(uaid, 1) is None  # no record
+    await store.hello(uaid, None, OLDER)
+    assert await store.claim_wakeup(uaid, 1) is None  # no address: nothing is recorded
+    await store.hello(uaid, WAKEUP, OLDER)
+    started = time.monotonic()
+    assert await store.claim_wakeup(uaid, 1) == WAKEUP
+    assert await store.claim_wakeup(uaid, 1) is None
+    await store.hello(uaid, WAKEUP, NEWER)  # a hello does not start the interval over
+    assert await store.claim_wakeup(uaid, 1) is None
+    assert await claim_when_free(store, uaid, 1) == WAKEUP
+    assert time.monotonic() - started >= 1
+    assert await store.claim_wakeup(uaid, 1) is None
+
+
+@pytest.mark.gen_test
+async def test_a_hello_without_wakeup_fields_leaves_nothing_to_claim(store):
+    uaid = new_key()
+    await store.hello(uaid, WAKEUP, OLDER)
+    await store.hello(uaid, None, OLDER)
+    assert await store.wakeup(uaid) is None
+    assert await store.claim_wakeup(uaid, 30) is None
+    await store.drop(uaid)
+    await store.hello(uaid, WAKEUP, OLDER)
+    assert await store.claim_wakeup(uaid, 30) == WAKEUP
+
+
+@pytest.mark.gen_test
+async def test_of_many_claims_at_once_exactly_one_gets_the_address(store):
+    uaid = new_key()
+    await store.hello(uaid, WAKEUP, OLDER)
+    claims = await asyncio.gather(*(store.claim_wakeup(uaid, 30) for _ in range(20)))
+    assert claims.count(WAKEUP) == 1
+    assert claims.count(None) == 19
+
+
+@pytest.mark.gen_test
+async def test_of_two_sqlite_processes_claiming_at_once_exactly_one_gets_the_address(tmp_path):
+    """Two connections to one file, as two workers have: the claim is one write transaction."""
+    path = str(tmp_path / "shared.db")
+    first, second = SqliteStore(path), SqliteStore(path)
+    try:
+        uaids = [new_key() for _ in range(10)]
+        for uaid in uaids:
+            await first.hello(uaid, WAKEUP, OLDER)
+        claims = await asyncio.gather(
+            *(store.claim_wakeup(uaid, 30) for uaid in uaids for store in (first, second))
+        )
+        assert claims.count(WAKEUP) == len(uaids)
+        assert all(claims[i] is None or claims[i + 1] is None for i in range(0, len(claims), 2))
+    finally:
+        await first.close()
+        await second.close()
 
 
 # --- the holder: newest connection wins ---------------------------------------
@@ -358,6 +435,34 @@ async def test_two_nodes_saying_hello_at_once_leave_the_newest_holder(memcached_
     # Whichever ran second learned about the first.
     assert (older, newer) in [(None, OLDER), (NEWER, None)]
     assert await nodes[0].update(uaid, chid, 1, None) == (Update(chid, 1), NEWER)
+
+
+@pytest.mark.gen_test
+async def test_of_two_nodes_claiming_a_wakeup_at_once_exactly_one_gets_it(memcached_store):
+    a, b = memcached_store(), memcached_store()
+    uaids = [new_key() for _ in range(10)]
+    for uaid in uaids:
+        await a.hello(uaid, WAKEUP, OLDER)
+    claims = await asyncio.gather(
+        *(node.claim_wakeup(uaid, 30) for uaid in uaids for node in (a, b))
+    )
+    assert claims.count(WAKEUP) == len(uaids)
+    assert all(claims[i] is None or claims[i + 1] is None for i in range(0, len(claims), 2))
+
+
+@pytest.mark.gen_test
+async def test_a_wakeup_claim_lives_a_second_longer_than_its_interval(memcached_store, memcached):
+    """memcached's clock ticks in whole seconds: the extra one keeps the whole interval."""
+    store = memcached_store()
+    uaid = new_key()
+    await store.hello(uaid, WAKEUP, OLDER)
+    assert await store.claim_wakeup(uaid, 30) == WAKEUP
+    with socket.create_connection(("127.0.0.1", memcached.port), timeout=5) as conn:
+        conn.sendall(f"mg {WAKEUP_PREFIX}{uaid} t v\r\n".encode())
+        reply = conn.recv(256).decode()
+    head, value = reply.split("\r\n")[:2]
+    assert head.startswith("VA ") and 30 <= int(head.split()[2][1:]) <= 31, reply
+    assert abs(int(value) - time.time()) <= 2, reply
 
 
 # --- memcached: record size ---------------------------------------------------

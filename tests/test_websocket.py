@@ -913,13 +913,29 @@ WAKEUP_HELLO = {
 
 @pytest.mark.gen_test
 async def test_hello_stores_valid_wakeup_details_with_the_uaid(connect, node):
-    """DESIGN.md 2.8: validated and stored with the UAID; nothing sends UDP yet."""
+    """DESIGN.md 2.8: validated and stored with the UAID (a new one's at its first register)."""
     device = await connect()
     reply = await device.request(hello(**WAKEUP_HELLO))
     assert reply["status"] == 200
+    await device.register()
     assert await node.store.wakeup(reply["uaid"]) == Wakeup(
         "10.71.22.5", 50213, "214", "07", "10.1.2.3"
     )
+    again = await connect()
+    assert (await again.request(hello(reply["uaid"], **WAKEUP_HELLO)))["uaid"] == reply["uaid"]
+    assert await node.store.wakeup(reply["uaid"]) == Wakeup(
+        "10.71.22.5", 50213, "214", "07", "10.1.2.3"
+    )
+
+
+@pytest.mark.gen_test
+async def test_a_new_uaid_is_stored_at_its_first_register_and_not_before(connect, node):
+    """One write per new device, at its register, rather than two (store.Fresh)."""
+    device = await connect()
+    uaid = (await device.request(hello()))["uaid"]
+    assert await node.store.known(uaid) is False
+    await device.register()
+    assert await node.store.known(uaid) is True
 
 
 @pytest.mark.gen_test

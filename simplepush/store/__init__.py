@@ -48,6 +48,21 @@ class Holder:
     connected_at: float
 
 
+@dataclass(slots=True, frozen=True)
+class Fresh:
+    """A freshly minted UAID's hello, which wrote nothing: its first register records it.
+
+    A UAID the server just made up has no other holder, nothing pending and
+    no endpoint until a channel is registered, so the store first hears of
+    it then, in the same write: one storage operation per new device instead
+    of two, and none for one that leaves without registering.
+    """
+
+    holder: Holder
+    webpush: bool
+    wakeup: Wakeup | None
+
+
 class Store(ABC):
     @abstractmethod
     async def known(self, uaid: str) -> bool:
@@ -77,15 +92,31 @@ class Store(ABC):
 
     @abstractmethod
     async def wakeup(self, uaid: str) -> Wakeup | None:
-        """The UDP wake-up details from the UAID's last hello, for a future waker."""
+        """The UDP wake-up details from the UAID's last hello, if it gave any."""
+
+    @abstractmethod
+    async def claim_wakeup(self, uaid: str, interval: int) -> Wakeup | None:
+        """The wake-up details, if the last hello gave some and no claim came in `interval` s.
+
+        A claim that returns details is recorded; one that returns None
+        records nothing. Atomic across every node sharing the store: of
+        several nodes claiming at once one gets the details, so one datagram
+        goes out (simplepush/waker.py).
+        """
 
     @abstractmethod
     async def drop(self, uaid: str) -> None:
         """Forget the UAID, its channels and everything pending for it."""
 
     @abstractmethod
-    async def register(self, uaid: str, chid: str, spelling: str, max_channels: int) -> bool:
-        """Register a channel (idempotent, keeps any pending update); False past max_channels."""
+    async def register(
+        self, uaid: str, chid: str, spelling: str, max_channels: int, fresh: Fresh | None = None
+    ) -> bool:
+        """Register a channel (idempotent, keeps any pending update); False past max_channels.
+
+        With `fresh`, a UAID without a record gets one as its hello would
+        have made it (holder, kind, wake-up details), in the same write.
+        """
 
     @abstractmethod
     async def unregister(self, uaid: str, chid: str) -> None:

@@ -312,9 +312,9 @@ class MemcacheClient:
             head += b" %d" % cas
         return await self._call(server, b"%s\r\n%s\r\n" % (head, value), _LINE)  # type: ignore[return-value]
 
-    async def add(self, key: str, value: bytes, expire: int) -> bool:
+    async def add(self, key: str, value: bytes, expire: int, server: _Server | None = None) -> bool:
         """Store only if absent: False when another writer created it first."""
-        return await self._store(b"add", key, value, expire, None, None) == STORED
+        return await self._store(b"add", key, value, expire, None, server) == STORED
 
     async def cas(self, key: str, value: bytes, token: int, expire: int) -> bool:
         """Store only if unchanged since `gets` returned token."""

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from simplepush.protocol import Wakeup
-from simplepush.store import Enqueued, Holder, Store, StoreError, WrongUAID
+from simplepush.store import Enqueued, Fresh, Holder, Store, StoreError, WrongUAID
 from simplepush.store.memcache_client import MemcacheClient, MemcacheFailure
 from simplepush.updates import Update
 from simplepush.webpush import Message, dashed
@@ -32,6 +32,9 @@ Record = dict[str, Any]
 Change = Callable[[Record | None, float], tuple[Record | None, T]]
 
 KEY_PREFIX = "u:"
+# A UAID's last wake-up claim: added (only if absent) on its record's server, expiring
+# after the interval, so that of several nodes claiming at once one succeeds.
+WAKEUP_PREFIX = "w:"
 # memcached reads an expiry above 30 days as a unix time, not a duration.
 MAX_RELATIVE_EXPIRY = 30 * 86400
 # Seconds a record with no channel, nothing pending and no socket is kept (see _expiry).
@@ -93,6 +96,18 @@ def _decode(value: bytes) -> Record:
 def _holder(record: Record) -> Holder | None:
     held = record.get("h")
     return Holder(held[0], held[1]) if held is not None else None
+
+
+def _new_record(webpush: bool) -> Record:
+    """A UAID's item as its first hello makes it: a WebPush one has a queue ("q")."""
+    return {"c": {}, "p": {}, "q": []} if webpush else {"c": {}, "p": {}}
+
+
+def _keep_wakeup(record: Record, wakeup: Wakeup | None) -> None:
+    if wakeup is None:
+        record.pop("w", None)
+    else:
+        record["w"] = [wakeup.ip, wakeup.port, wakeup.mcc, wakeup.mnc, wakeup.netid]
 
 
 def _message(entry: list[Any]) -> Message:
@@ -221,16 +236,11 @@ class MemcachedStore(Store):
             if record is None:
                 if not create:
                     raise WrongUAID(uaid)
-                record = {"c": {}, "p": {}}
-                if webpush:
-                    record["q"] = []
+                record = _new_record(webpush)
             elif ("q" in record) != webpush:
                 raise WrongUAID(uaid)
             record["s"] = int(now)
-            if wakeup is None:
-                record.pop("w", None)
-            else:
-                record["w"] = [wakeup.ip, wakeup.port, wakeup.mcc, wakeup.mnc, wakeup.netid]
+            _keep_wakeup(record, wakeup)
             other = _holder(record)
             if other == holder:
                 return record, None
@@ -258,13 +268,35 @@ class MemcachedStore(Store):
 
         return await self._call("wakeup", KEY_PREFIX + uaid, job)
 
+    async def claim_wakeup(self, uaid: str, interval: int) -> Wakeup | None:
+        client = self._client
+
+        async def job(key: str) -> Wakeup | None:
+            record = await self._read(key)
+            if record is None or "w" not in record:
+                return None
+            # memcached's clock ticks in whole seconds: an item given n seconds may go
+            # up to one second early, so it gets one more and lives at least `interval`.
+            claim, server = b"%d" % time.time(), client.server_for(key)
+            if not await client.add(WAKEUP_PREFIX + uaid, claim, interval + 1, server):
+                return None
+            return Wakeup(*record["w"])
+
+        return await self._call("claim_wakeup", KEY_PREFIX + uaid, job)
+
     async def drop(self, uaid: str) -> None:
         await self._call("drop", KEY_PREFIX + uaid, self._client.delete)
 
-    async def register(self, uaid: str, chid: str, spelling: str, max_channels: int) -> bool:
+    async def register(
+        self, uaid: str, chid: str, spelling: str, max_channels: int, fresh: Fresh | None = None
+    ) -> bool:
         def change(record: Record | None, now: float) -> tuple[Record | None, bool]:
             if record is None:
-                record = {"c": {}, "p": {}, "s": int(now)}
+                record = _new_record(fresh is not None and fresh.webpush)
+                record["s"] = int(now)
+                if fresh is not None:
+                    _keep_wakeup(record, fresh.wakeup)
+                    record["h"] = [fresh.holder.node, fresh.holder.connected_at]
             else:
                 known = record["c"].get(chid)
                 if known == spelling:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from simplepush.protocol import Wakeup
-from simplepush.store import Enqueued, Holder, Store, WrongUAID
+from simplepush.store import Enqueued, Fresh, Holder, Store, WrongUAID
 from simplepush.updates import Update
 from simplepush.webpush import Message
 
@@ -20,7 +20,16 @@ SWEEP_SLICE = 1000
 
 
 class _Record:
-    __slots__ = ("channels", "holder", "messages", "pending", "registered", "wakeup", "webpush")
+    __slots__ = (
+        "channels",
+        "holder",
+        "messages",
+        "pending",
+        "registered",
+        "wakeup",
+        "wakeup_claimed",
+        "webpush",
+    )
 
     def __init__(self, webpush: bool = False) -> None:
         self.channels: dict[str, str] = {}  # channel key -> the device's spelling
@@ -28,6 +37,7 @@ class _Record:
         # WebPush: message id -> (channel key, message), in the order accepted.
         self.messages: dict[str, tuple[str, Message]] = {}
         self.wakeup: Wakeup | None = None
+        self.wakeup_claimed = float("-inf")  # when a node last claimed a wake-up (time.time())
         self.holder: Holder | None = None
         self.registered = False  # ever: a UAID that had channels stays known without them
         self.webpush = webpush
@@ -77,14 +87,28 @@ class MemoryStore(Store):
         record = self._records.get(uaid)
         return record.wakeup if record is not None else None
 
+    async def claim_wakeup(self, uaid: str, interval: int) -> Wakeup | None:
+        record = self._records.get(uaid)
+        if record is None or record.wakeup is None:
+            return None
+        now = time.time()
+        if now - record.wakeup_claimed < interval:
+            return None
+        record.wakeup_claimed = now
+        return record.wakeup
+
     async def drop(self, uaid: str) -> None:
         self._records.pop(uaid, None)
         self._queued.discard(uaid)
 
-    async def register(self, uaid: str, chid: str, spelling: str, max_channels: int) -> bool:
+    async def register(
+        self, uaid: str, chid: str, spelling: str, max_channels: int, fresh: Fresh | None = None
+    ) -> bool:
         record = self._records.get(uaid)
         if record is None:
-            record = self._records[uaid] = _Record()
+            record = self._records[uaid] = _Record(fresh is not None and fresh.webpush)
+            if fresh is not None:
+                record.holder, record.wakeup = fresh.holder, fresh.wakeup
         channels = record.channels
         if chid not in channels and len(channels) >= max_channels:
             return False

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from simplepush.protocol import Wakeup
-from simplepush.store import Enqueued, Holder, Store, StoreError, WrongUAID
+from simplepush.store import Enqueued, Fresh, Holder, Store, StoreError, WrongUAID
 from simplepush.store.sqlite_file import TABLES, Checkpointer, file_stats, open_database
 from simplepush.updates import Update
 from simplepush.webpush import Message, dashed
@@ -61,6 +61,34 @@ def _holder(node: str | None, connected_at: float | None) -> Holder | None:
 def _forget(db: sqlite3.Connection, uaid: str) -> None:
     for table in TABLES:
         db.execute(f"DELETE FROM {table} WHERE uaid = ?", (uaid,))
+
+
+def _wake(wakeup: Wakeup | None) -> tuple[Any, ...]:
+    """The wake_* columns' values."""
+    if wakeup is None:
+        return (None,) * 5
+    return (wakeup.ip, wakeup.port, wakeup.mcc, wakeup.mnc, wakeup.netid)
+
+
+def _insert_uaid(
+    db: sqlite3.Connection, now: float, uaid: str, fresh: Fresh | None, registered: bool
+) -> None:
+    """A UAID's row, as its hello makes it or (without a hello, fresh None) its register."""
+    holder = fresh.holder if fresh is not None else None
+    db.execute(
+        "INSERT INTO uaids (uaid, kind, registered, holder_node, holder_at, wake_ip,"
+        " wake_port, wake_mcc, wake_mnc, wake_netid, seen_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            uaid,
+            int(fresh is not None and fresh.webpush),
+            int(registered),
+            holder.node if holder is not None else None,
+            holder.connected_at if holder is not None else None,
+            *_wake(fresh.wakeup if fresh is not None else None),
+            now,
+        ),
+    )
 
 
 class _Busy(Exception):
@@ -310,19 +338,11 @@ class SqliteStore(Store):
         webpush: bool,
         create: bool,
     ) -> Holder | None:
-        wake = (
-            (wakeup.ip, wakeup.port, wakeup.mcc, wakeup.mnc, wakeup.netid)
-            if wakeup is not None
-            else (None,) * 5
-        )
         row = self._record(db, now, uaid)
         if row is None:
             if not create:
                 raise WrongUAID(uaid)
-            db.execute(
-                "INSERT INTO uaids VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (uaid, int(webpush), holder.node, holder.connected_at, *wake, now),
-            )
+            _insert_uaid(db, now, uaid, Fresh(holder, webpush, wakeup), registered=False)
             return None
         if bool(row[0]) != webpush:
             raise WrongUAID(uaid)
@@ -331,7 +351,7 @@ class SqliteStore(Store):
         db.execute(
             "UPDATE uaids SET holder_node = ?, holder_at = ?, wake_ip = ?, wake_port = ?,"
             " wake_mcc = ?, wake_mnc = ?, wake_netid = ?, seen_at = ? WHERE uaid = ?",
-            (kept.node, kept.connected_at, *wake, now, uaid),
+            (kept.node, kept.connected_at, *_wake(wakeup), now, uaid),
         )
         return None if other == holder else other
 
@@ -356,11 +376,29 @@ class SqliteStore(Store):
         ).fetchone()
         return Wakeup(*row) if row is not None and row[0] is not None else None
 
+    async def claim_wakeup(self, uaid: str, interval: int) -> Wakeup | None:
+        return await self._run("claim_wakeup", self._claim_wakeup, uaid, interval)
+
+    def _claim_wakeup(
+        self, db: sqlite3.Connection, now: float, uaid: str, interval: int
+    ) -> Wakeup | None:
+        """In the write transaction (BEGIN IMMEDIATE): one process at a time gets it."""
+        claimed = db.execute(
+            "UPDATE uaids SET wake_at = ? WHERE uaid = ? AND wake_ip IS NOT NULL"
+            " AND seen_at >= ? AND (wake_at IS NULL OR wake_at <= ?)",
+            (now, uaid, self._fresh(now), now - interval),
+        ).rowcount
+        return self._wakeup(db, now, uaid) if claimed else None
+
     async def drop(self, uaid: str) -> None:
         await self._run("drop", lambda db, now: _forget(db, uaid))
 
-    async def register(self, uaid: str, chid: str, spelling: str, max_channels: int) -> bool:
-        return await self._run("register", self._register, uaid, chid, spelling, max_channels)
+    async def register(
+        self, uaid: str, chid: str, spelling: str, max_channels: int, fresh: Fresh | None = None
+    ) -> bool:
+        return await self._run(
+            "register", self._register, uaid, chid, spelling, max_channels, fresh
+        )
 
     def _register(
         self,
@@ -370,13 +408,11 @@ class SqliteStore(Store):
         chid: str,
         spelling: str,
         max_channels: int,
+        fresh: Fresh | None,
     ) -> bool:
         row = self._record(db, now, uaid)
         if row is None:
-            db.execute(
-                "INSERT INTO uaids (uaid, kind, registered, seen_at) VALUES (?, 0, 1, ?)",
-                (uaid, now),
-            )
+            _insert_uaid(db, now, uaid, fresh, registered=True)
         known = db.execute(
             "SELECT spelling FROM channels WHERE uaid = ? AND chid = ?", (uaid, chid)
         ).fetchone()

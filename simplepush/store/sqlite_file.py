@@ -15,12 +15,14 @@ from typing import Any
 
 from simplepush.store import StoreError
 
-# PRAGMA user_version of the schema below; a file with a higher one is refused.
-SCHEMA_VERSION = 1
+# PRAGMA user_version of the schema below; a file with a higher one is refused, one with
+# a lower one is brought up to it (_MIGRATIONS).
+SCHEMA_VERSION = 2
 _SCHEMA = (
     # kind: 0 SimplePush, 1 WebPush. registered: ever had a channel (else a release
     # forgets it, as anonymous hellos must not pile up). seen_at: the last hello, or the
-    # creation by register; uaid_ttl counts from it.
+    # creation by register; uaid_ttl counts from it. wake_at: when a node last claimed a
+    # UDP wake-up of the device (claim_wakeup; version 2, hence last).
     """CREATE TABLE uaids (
         uaid TEXT PRIMARY KEY,
         kind INTEGER NOT NULL,
@@ -32,7 +34,8 @@ _SCHEMA = (
         wake_mcc TEXT,
         wake_mnc TEXT,
         wake_netid TEXT,
-        seen_at REAL NOT NULL
+        seen_at REAL NOT NULL,
+        wake_at REAL
     ) WITHOUT ROWID""",
     """CREATE TABLE channels (
         uaid TEXT NOT NULL,
@@ -66,6 +69,10 @@ _SCHEMA = (
     "CREATE INDEX messages_channel ON messages (uaid, chid, topic, id)",
     "CREATE TABLE health (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at REAL NOT NULL)",
 )
+# What brings a file of version i up to i + 1, in one transaction with the version's change.
+_MIGRATIONS = {
+    1: ("ALTER TABLE uaids ADD COLUMN wake_at REAL",),
+}
 TABLES = ("uaids", "channels", "pending", "messages")
 
 # A WAL that a checkpoint has emptied is truncated back to this size.
@@ -159,7 +166,7 @@ def open_database(path: str, busy_timeout: float) -> sqlite3.Connection:
 
 
 def _create_schema(path: str, db: sqlite3.Connection) -> None:
-    """In one transaction, so that two workers starting at once create it once."""
+    """Create or migrate it in one transaction, so that two workers starting at once do it once."""
     if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
         return
     db.execute("BEGIN IMMEDIATE")
@@ -171,7 +178,11 @@ def _create_schema(path: str, db: sqlite3.Connection) -> None:
                 raise Unusable(f"{path}: an SQLite database of something else (no schema version)")
             for statement in _SCHEMA:
                 db.execute(statement)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        else:
+            for step in range(version, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[step]:
+                    db.execute(statement)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
