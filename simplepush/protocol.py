@@ -148,6 +148,11 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# Strict RFC 8259: NaN/Infinity would be echoed back as invalid JSON. One decoder for every
+# frame: json.loads with these hooks would build a new decoder and scanner per call.
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
+
+
 def parse(text: str, identified: bool, webpush: bool = False) -> Outcome:
     """Parse one text frame from a device that has (or has not) said hello, of either kind."""
     try:
@@ -162,8 +167,7 @@ def parse(text: str, identified: bool, webpush: bool = False) -> Outcome:
 def _load(text: str) -> dict[str, Any] | Drop:
     """The frame's JSON object, or why the socket is dropped (both kinds of session)."""
     try:
-        # Strict RFC 8259: NaN/Infinity would be echoed back as invalid JSON.
-        obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        obj = _DECODER.decode(text)
     except ValueError:
         return Drop("invalid JSON")
     if type(obj) is not dict:
