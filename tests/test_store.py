@@ -23,7 +23,7 @@ from tornado.ioloop import IOLoop
 from simplepush.config import StorageSettings
 from simplepush.protocol import Wakeup
 from simplepush.server import build_store
-from simplepush.store import Holder, Store, StoreError
+from simplepush.store import Fresh, Holder, Store, StoreError, WrongUAID
 from simplepush.store.memcached import (
     EMPTY_RECORD_TTL,
     KEY_PREFIX,
@@ -140,6 +140,30 @@ async def test_register_creates_the_record(store):
     assert await store.register(uaid, chid, chid, 200) is True
     assert await store.known(uaid) is True
     assert await store.update(uaid, chid, 1, None) == (Update(chid, 1), None)
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("webpush", [False, True], ids=["simplepush", "webpush"])
+async def test_a_fresh_uaids_first_register_records_what_its_hello_did_not(store, webpush):
+    """store.Fresh: the holder, the kind and the wake-up details, in the register's write."""
+    uaid, chid = new_key(), new_key()
+    assert await store.register(uaid, chid, chid, 200, Fresh(OLDER, webpush, WAKEUP)) is True
+    assert await store.wakeup(uaid) == WAKEUP
+    assert await store.update(uaid, chid, 1, None) == (Update(chid, 1), OLDER)
+    assert await store.hello(uaid, WAKEUP, NEWER, webpush, create=False) == OLDER
+    with pytest.raises(WrongUAID):
+        await store.hello(uaid, None, NEWER, not webpush, create=False)
+
+
+@pytest.mark.gen_test
+async def test_fresh_is_ignored_when_the_uaid_has_a_record(store):
+    uaid, chid, other = new_key(), new_key(), new_key()
+    assert await store.hello(uaid, None, OLDER) is None
+    assert await store.register(uaid, chid, chid, 200) is True
+    assert await store.register(uaid, other, other, 200, Fresh(NEWER, True, WAKEUP)) is True
+    assert await store.wakeup(uaid) is None
+    assert await store.update(uaid, chid, 1, None) == (Update(chid, 1), OLDER)
+    assert await store.update(uaid, other, 1, None) == (Update(other, 1), OLDER)
 
 
 @pytest.mark.gen_test

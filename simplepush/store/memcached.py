@@ -152,8 +152,10 @@ class MemcachedStore(Store):
             server = self._client.server_for(key).name
             raise StoreError(f"memcached {server}: {what} failed: {exc}") from None
 
-    async def _change(self, what: str, uaid: str, change: Change[T]) -> T:
-        return await self._call(what, KEY_PREFIX + uaid, lambda key: self._modify(key, change))
+    async def _change(self, what: str, uaid: str, change: Change[T], absent: bool = False) -> T:
+        return await self._call(
+            what, KEY_PREFIX + uaid, lambda key: self._modify(key, change, absent)
+        )
 
     def _expiry(self, record: Record) -> int:
         """uaid_ttl after the last hello, as memcached wants it (relative up to 30 days).
@@ -186,18 +188,22 @@ class MemcachedStore(Store):
         data, _token = await self._client.gets(key)
         return self._load(data, time.time()) if data is not None else None
 
-    async def _modify(self, key: str, change: Change[T]) -> T:
+    async def _modify(self, key: str, change: Change[T], absent: bool = False) -> T:
         """Read-modify-write with gets/cas (add when absent), retried while another writer wins.
 
         change(record, now) returns the record to write (None: nothing to
         write) and the call's result; it runs again on the fresh record after
-        a lost race.
+        a lost race. `absent`: the item is surely not there yet (a UAID just
+        made up), so the first try is an add without a gets.
         """
         client = self._client
         deadline = time.monotonic() + self._timeout
         attempt = 0
         while True:
-            data, token = await client.gets(key)
+            if absent:
+                data, token, absent = None, None, False
+            else:
+                data, token = await client.gets(key)
             now = time.time()
             record = self._load(data, now) if data is not None else None
             new, result = change(record, now)
@@ -306,7 +312,7 @@ class MemcachedStore(Store):
             record["c"][chid] = spelling
             return record, True
 
-        return await self._change("register", uaid, change)
+        return await self._change("register", uaid, change, absent=fresh is not None)
 
     async def unregister(self, uaid: str, chid: str) -> None:
         def change(record: Record | None, now: float) -> tuple[Record | None, None]:
