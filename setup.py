@@ -24,6 +24,8 @@ setup(
         "python-json-logger>=3.1,<5",
         # VAPID (RFC 8292): ES256 JWTs verified by PyJWT over cryptography.
         "PyJWT>=2.8,<3",
+        # libuv's event loop under asyncio: 10-15% less CPU per device (docs/PERFORMANCE.md).
+        "uvloop>=0.19",
     ],
     extras_require={
         "dev": [

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from typing import cast
 
 from simplepush import logs, wsframes
 from simplepush.logs import event
@@ -72,8 +73,8 @@ class DeviceConnection(asyncio.Protocol):
         self.session = Session(node, self, time.time())
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport, though uvloop's do not subclass asyncio.Transport.
+        self._transport = transport = cast(asyncio.Transport, transport)
         transport.write(self._handshake)
         self._handshake = b""
         node = self._node

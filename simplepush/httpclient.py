@@ -22,6 +22,7 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
 from time import perf_counter
+from typing import cast
 
 MAX_HEAD = 65536
 MAX_BODY = 1 << 20
@@ -60,8 +61,8 @@ class HttpConn(asyncio.Protocol):
         self.bodiless = False  # the request was HEAD: the response has no body
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport, though uvloop's do not subclass asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
 
     def request(self, data: bytes, bodiless: bool = False) -> asyncio.Future[tuple[int, bytes]]:
         """Write one whole request; the future yields (status, body)."""

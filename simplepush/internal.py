@@ -24,6 +24,7 @@ import hmac
 import json
 import logging
 import os
+from typing import cast
 
 from simplepush.logs import event
 from simplepush.node import Node
@@ -55,8 +56,8 @@ class InternalConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport, though uvloop's do not subclass asyncio.Transport.
+        self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer

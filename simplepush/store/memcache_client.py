@@ -19,6 +19,7 @@ import asyncio
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import cast
 
 from pymemcache.client.rendezvous import RendezvousHash
 
@@ -70,8 +71,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport, though uvloop's do not subclass asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
 
     def usable(self) -> bool:
         return self.transport is not None and not self.transport.is_closing()
