@@ -9,9 +9,11 @@ does; collectors are plain sockets in the test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
+import shutil
 import signal
 import socket
 import subprocess
@@ -437,6 +439,68 @@ def test_malformed_collector_exits_2_with_one_line(tmp_path, output):
     config.write_text(f"[logging]\noutput = {output}\n", encoding="utf-8")
     result = run_cli(SCRIPT, "--config", str(config), cwd=tmp_path)
     assert_config_error(result, [str(config), "[logging] output", output])
+
+
+@pytest.mark.parametrize("output", ["http://127.0.0.1:5565", "file:///var/log/simplepush.log"])
+def test_another_url_scheme_exits_2_with_one_line(tmp_path, output):
+    """Not taken for a file path (whose directory `http:` would be missing)."""
+    config = tmp_path / "bad.ini"
+    config.write_text(f"[logging]\noutput = {output}\n", encoding="utf-8")
+    result = run_cli(SCRIPT, "--config", str(config), cwd=tmp_path)
+    scheme = output.split(":")[0]
+    assert_config_error(
+        result, [str(config), "[logging] output", output, f"{scheme}:// is not an output"]
+    )
+
+
+@contextlib.contextmanager
+def unwritable(path: Path) -> Iterator[Path]:
+    """path made unwritable for this user; root ignores modes, so for root it is made immutable."""
+    if os.geteuid() == 0:
+        if shutil.which("chattr") is None:
+            pytest.fail("root ignores file modes and chattr (e2fsprogs) is missing")
+        subprocess.run(["chattr", "+i", str(path)], check=True, timeout=EXIT_TIMEOUT)
+        try:
+            yield path
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True, timeout=EXIT_TIMEOUT)
+    else:
+        mode = path.stat().st_mode
+        path.chmod(0o555 if path.is_dir() else 0o444)
+        try:
+            yield path
+        finally:
+            path.chmod(mode)
+
+
+def assert_refused(tmp_path: Path, output: str, why: str) -> None:
+    """The console script names the key and why, instead of a traceback from opening the file."""
+    config = tmp_path / "bad.ini"
+    config.write_text(f"[logging]\noutput = {output}\n", encoding="utf-8")
+    result = run_cli(SCRIPT, "--config", str(config), cwd=tmp_path)
+    assert_config_error(result, [str(config), "[logging] output", f"{output}: {why}"])
+
+
+def test_a_log_file_in_an_unwritable_directory_exits_2_with_one_line(tmp_path):
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    with unwritable(directory):
+        assert_refused(
+            tmp_path,
+            str(directory / "simplepush.log"),
+            f"directory {directory} is not writable by this user",
+        )
+
+
+def test_an_unwritable_log_file_exits_2_with_one_line(tmp_path):
+    log_file = tmp_path / "simplepush.log"
+    log_file.write_text("", encoding="utf-8")
+    with unwritable(log_file):
+        assert_refused(tmp_path, str(log_file), "not writable by this user")
+
+
+def test_a_directory_as_log_file_exits_2_with_one_line(tmp_path):
+    assert_refused(tmp_path, str(tmp_path), "is a directory")
 
 
 @pytest.mark.parametrize(

@@ -39,9 +39,7 @@ def forgeries(token: str) -> dict[str, str]:
     swapped = token[:middle] + ("A" if token[middle] != "A" else "B") + token[middle + 1 :]
     return {
         "one character changed": swapped,
-        "one bit of the ciphertext flipped": base64.urlsafe_b64encode(flipped)
-        .decode()
-        .rstrip("="),
+        "one bit of the ciphertext flipped": base64.urlsafe_b64encode(flipped).decode().rstrip("="),
         "truncated by one": token[:-1],
         "truncated by half": token[: len(token) // 2],
         "extended": token + "AAAA",
