@@ -26,6 +26,8 @@ setup(
         "PyJWT>=2.8,<3",
         # libuv's event loop under asyncio: 10-15% less CPU per device (docs/PERFORMANCE.md).
         "uvloop>=0.19",
+        # llhttp (Node.js's HTTP parser, as uvicorn uses it) for the public port's HTTP/1.1.
+        "httptools>=0.9",
     ],
     extras_require={
         "dev": [

@@ -38,7 +38,6 @@ _INBOX_FULL, _NOT_READING = 1, 2
 
 class DeviceConnection(asyncio.Protocol):
     __slots__ = (
-        "_ahead",
         "_close_code",
         "_close_reason",
         "_close_timer",
@@ -54,11 +53,9 @@ class DeviceConnection(asyncio.Protocol):
         "session",
     )
 
-    def __init__(self, node: Node, handshake: bytes, ahead: bytes = b"") -> None:
+    def __init__(self, node: Node, handshake: bytes) -> None:
         self._node = node
-        # The 101 to write first, and what the device sent before it had it.
-        self._handshake = handshake
-        self._ahead = ahead
+        self._handshake = handshake  # the 101, written first
         self._reader = FrameReader(node.max_message_size)
         self._transport: asyncio.Transport | None = None
         self._state = _OPEN
@@ -87,9 +84,6 @@ class DeviceConnection(asyncio.Protocol):
             self._hello_timer = asyncio.get_running_loop().call_later(
                 node.hello_timeout, self._hello_expired
             )
-        if self._ahead:
-            ahead, self._ahead = self._ahead, b""
-            self.data_received(ahead)
 
     def _hello_expired(self) -> None:
         self._hello_timer = None

@@ -33,7 +33,6 @@ class Node:
     max_message_size: int
     max_body_size: int
     max_header_size: int
-    body_timeout: float
     min_ping_interval: float
     vapid: Verifier  # checks the VAPID headers of WebPush POSTs
     max_queued: int  # undelivered WebPush messages per channel

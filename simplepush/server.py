@@ -14,7 +14,6 @@ from urllib.parse import urlsplit
 
 import uvloop
 from tornado.httpserver import HTTPServer
-from tornado.httputil import HTTPServerConnectionDelegate
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
@@ -29,6 +28,7 @@ from simplepush.config import (
     tls_context,
     worker_count,
 )
+from simplepush.http1 import PublicServer
 from simplepush.internal import serve_internal
 from simplepush.logs import event
 from simplepush.metrics import Metrics, NullMetrics
@@ -47,7 +47,7 @@ from simplepush.supervisor import supervise
 from simplepush.tokens import TokenCodec, generate_key
 from simplepush.vapid import Verifier
 from simplepush.waker import Waker
-from simplepush.web import make_app
+from simplepush.web import FrontDoor, make_app
 
 GOING_AWAY = (1001, "server shutting down")
 # Devices reconnect in storms after an outage; Tornado's default of 128 drops them.
@@ -159,7 +159,6 @@ def build_node(settings: Settings, index: int = 0) -> Node:
         max_message_size=server.max_message_size,
         max_body_size=server.max_body_size,
         max_header_size=server.max_header_size,
-        body_timeout=server.body_timeout,
         min_ping_interval=server.min_ping_interval,
         vapid=Verifier(origin(server.endpoint_url)),
         max_queued=server.max_queued,
@@ -168,17 +167,16 @@ def build_node(settings: Settings, index: int = 0) -> Node:
     return node
 
 
-def public_server(app: HTTPServerConnectionDelegate, server: ServerSettings) -> HTTPServer:
+def public_server(door: FrontDoor, server: ServerSettings) -> PublicServer:
     """The listener for devices and app servers, with TLS and the limits of [server]."""
-    return HTTPServer(
-        app,
-        ssl_options=tls_context(server) if server.ssl_certfile else None,
-        # web.py answers heads over max_header_size with 431; Tornado cuts
-        # the connection of a head it cannot even hold, at four times that.
-        max_header_size=4 * server.max_header_size,
+    return PublicServer(
+        door,
+        tls_context(server) if server.ssl_certfile else None,
+        max_header_size=server.max_header_size,
         max_body_size=server.max_body_size,
-        # Also how long a request head may take: Tornado times the head's read with it.
-        idle_connection_timeout=server.idle_timeout,
+        idle_timeout=server.idle_timeout,
+        body_timeout=server.body_timeout,
+        backlog=LISTEN_BACKLOG,
     )
 
 
@@ -240,29 +238,6 @@ def listen_internal(settings: Settings, count: int) -> list[list]:
     ]
 
 
-def stop_accepting(http_server: HTTPServer, public: list) -> None:
-    """Close the public listeners, first serving every connection in their queues.
-
-    The kernel completes handshakes before accept(): a connection still queued
-    when its listener closes is reset after the app server sent its PUT, which
-    then gets no answer. Taken here (as Tornado's accept handler would), they
-    are served; only one whose handshake is under way at the close can still
-    be reset (the kernel's race; a load balancer draining first avoids it).
-    """
-    for sock in public:
-        while True:
-            try:
-                connection, address = sock.accept()
-            except ConnectionAbortedError:
-                continue
-            except OSError:  # BlockingIOError: the queue is empty
-                break
-            # TCPServer's own accept callback: it wraps TLS and starts serving. Private,
-            # but unchanged since Tornado 4; TCPServer has no public way to hand it a socket.
-            http_server._handle_connection(connection, address)
-    http_server.stop()
-
-
 def listen_admin(settings: Settings) -> list:
     """The dashboard's socket, bound once so that a replaced worker 0 serves it again."""
     admin = settings.admin
@@ -277,7 +252,7 @@ async def serve(
     """Worker `index`; the one given the `admin` sockets serves the dashboard for all."""
     node = build_node(settings, index)
     http_server = public_server(make_app(node, settings.admin), settings.server)
-    http_server.add_sockets(public)
+    await http_server.start(public)
     secrets = router_secrets(list(settings.server.token_key))
     internal_servers = await serve_internal(node, secrets, internal)
     # Expired WebPush messages go in slices, one a second, besides being skipped on read.
@@ -314,7 +289,7 @@ async def serve(
         dashboard=f"http://{settings.admin.host}:{settings.admin.port}/" if admin else "",
     )
     await stopping.wait()
-    stop_accepting(http_server, public)
+    http_server.stop_accepting()
     if admin_server is not None and collector is not None:
         admin_server.stop()
         collector.stop()
@@ -332,7 +307,7 @@ async def serve(
         await asyncio.sleep(0.05)
         if not (len(node.registry) or node.puts_in_flight) or loop.time() >= deadline:
             break
-    await http_server.close_all_connections()  # idle keep-alive ones
+    await http_server.close_connections()  # idle keep-alive ones
     await node.router.close()
     await node.store.close()
     node.metrics.flush()

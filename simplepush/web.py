@@ -1,4 +1,4 @@
-"""Tornado handlers: the device socket, the update endpoint and status pages.
+"""The public port's requests: the device upgrade, the update endpoints and status pages.
 
 Handlers translate HTTP and WebSocket events into calls on the session and
 router and translate outcomes back; no protocol rule lives here.
@@ -9,80 +9,62 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from http.client import responses
 from typing import Any
 
-from tornado.http1connection import HTTP1Connection
 from tornado.httputil import (
-    HTTPConnection,
     HTTPHeaders,
     HTTPMessageDelegate,
-    HTTPServerConnectionDelegate,
     RequestStartLine,
     ResponseStartLine,
     format_timestamp,
 )
-from tornado.iostream import SSLIOStream
 from tornado.web import Application, HTTPError, RequestHandler
 
 from simplepush import __version__, endpoint, logs, webpush_endpoint
 from simplepush.config import AdminSettings
 from simplepush.connection import DeviceConnection
+from simplepush.http1 import PublicConnection
 from simplepush.logs import event
 from simplepush.node import Node
 from simplepush.store import StoreError
-from simplepush.streamtransport import StreamTransport
 from simplepush.wsframes import accept_key
 
 SUBPROTOCOL = "push-notification"
-# The most a device may send before the 101 that is kept (Tornado reads in 64 KiB chunks).
-MAX_EARLY = 256 * 1024
 UPDATE_PREFIX = "/update/"
 
 
 class DeviceSocket(RequestHandler):
-    """The WebSocket upgrade; the socket then belongs to a DeviceConnection (see wsframes.py)."""
+    """GET on the device path when FrontDoor did not upgrade it: a page, or the refusal.
+
+    FrontDoor upgrades every valid handshake while there is room (DeviceUpgrade);
+    what comes here is a browser, a bad handshake, or a device the server is too
+    full for.
+    """
 
     def initialize(self, node: Node, landing: bytes) -> None:
         self._node = node
         self._landing = landing
 
-    async def get(self, *args: str) -> None:
+    def get(self, *args: str) -> None:
         node = self._node
         if not any(name in self.request.headers for name in WEBSOCKET_HEADERS):
             # A browser or curl, not a device: say where they are and where to go.
             self.set_header("Content-Type", "text/plain; charset=utf-8")
             self.finish(self._landing)
             return
-        if len(node.registry) >= node.max_connections:
+        handshake = _handshake(self.request.headers)
+        if not isinstance(handshake, HTTPError) or len(node.registry) >= node.max_connections:
             event(logging.WARNING, "websocket.refused", reason="max_connections")
             raise HTTPError(503, reason="Too Many Connections")
-        handshake = _handshake(self.request.headers)
-        if isinstance(handshake, HTTPError):
-            self.set_status(handshake.status_code, handshake.reason)
-            if handshake.status_code == 426:
-                self.set_header("Sec-WebSocket-Version", "13")
-            self.finish()
-            return
-        stream = self.detach()
-        if isinstance(stream, SSLIOStream):
-            StreamTransport(stream, DeviceConnection(node, handshake))
-            return
-        # Frames a device sent without waiting for the 101 (RFC 6455 says it
-        # must wait) are in the stream's buffer: take them along, not lose them.
-        early = stream.read_bytes(MAX_EARLY, partial=True)
-        ahead = early.result() if early.done() else b""
-        # The asyncio transport gets its own descriptor; closing the stream
-        # then unhooks Tornado from the socket without touching the connection.
-        sock = stream.socket.dup()
-        stream.close()
-        loop = asyncio.get_running_loop()
-        await loop.connect_accepted_socket(
-            lambda: DeviceConnection(node, handshake, ahead), sock=sock
-        )
+        self.set_status(handshake.status_code, handshake.reason)
+        if handshake.status_code == 426:
+            self.set_header("Sec-WebSocket-Version", "13")
+        self.finish()
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """A method other than GET answers as the endpoints do; the upgrade's errors as ever."""
@@ -92,6 +74,23 @@ class DeviceSocket(RequestHandler):
         self.set_header("Allow", "GET")
         self.set_header("Content-Type", "application/json")
         self.finish(error_body(405, self._reason))
+
+
+class DeviceUpgrade(HTTPMessageDelegate):
+    """A valid upgrade: once its head is read, the connection is the device's.
+
+    The same transport goes on under a DeviceConnection, which writes the 101
+    first; bytes the device sent after the head (frames that did not wait for
+    the 101) go to it too.
+    """
+
+    def __init__(self, node: Node, connection: PublicConnection, handshake: bytes) -> None:
+        self._node = node
+        self._connection = connection
+        self._handshake = handshake
+
+    def finish(self) -> None:
+        self._connection.upgrade(DeviceConnection(self._node, self._handshake))
 
 
 # A request with none of these is not a WebSocket client's (RFC 6455 4.1).
@@ -133,14 +132,21 @@ def _handshake(headers: HTTPHeaders) -> bytes | HTTPError:
     key = headers.get("Sec-WebSocket-Key")
     if not key or not key.isascii():
         return HTTPError(400, reason="Missing Sec-WebSocket-Key")
+    if "Transfer-Encoding" in headers or (
+        "Content-Length" in headers and headers["Content-Length"] != "0"
+    ):
+        # What follows the head is the device's frames: a body would be read as frames.
+        return HTTPError(400, reason="An upgrade request has no body.")
     lines = [
         "HTTP/1.1 101 Switching Protocols",
         "Upgrade: websocket",
         "Connection: Upgrade",
         f"Sec-WebSocket-Accept: {accept_key(key)}",
     ]
-    offered = headers.get("Sec-WebSocket-Protocol", "")
-    if SUBPROTOCOL in (part.strip() for part in offered.split(",")):
+    # (`in` first: HTTPHeaders.get raises and catches a KeyError for a missing header.)
+    if "Sec-WebSocket-Protocol" in headers and SUBPROTOCOL in (
+        part.strip() for part in headers["Sec-WebSocket-Protocol"].split(",")
+    ):
         lines.append(f"Sec-WebSocket-Protocol: {SUBPROTOCOL}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 
@@ -197,95 +203,56 @@ class WebPushHandler(JSONHandler):
         super().write_error(status_code, **kwargs)
 
 
-# Picks a lean delegate for a hot request, or None to let the Application serve it.
-FastPath = Callable[[RequestStartLine, HTTPConnection], HTTPMessageDelegate | None]
+# The Application's routes other than DeviceSocket's (Tornado matches them on the path).
+_APP_PATHS = re.compile(r"/(?:update|wpush|m)/|/(?:real)?status/?(?:\?|$)")
 
 
-class FrontDoor(HTTPServerConnectionDelegate):
-    """Sends the hot request (PUT /update/) to a lean delegate, the rest to the Application.
+class FrontDoor:
+    """Picks who answers a request once its head is read (http1.PublicServer asks).
 
-    Why: tornado.web's routing and RequestHandler cost more per PUT than
-    storing and delivering the update (see docs/PERFORMANCE.md); the
-    endpoint needs none of their features.
+    The hot requests (the upgrade, PUT /update/, WebPush POST and DELETE) get
+    lean delegates; the rest goes to the Application. Why: tornado.web's
+    routing and RequestHandler cost more per PUT than storing and delivering
+    the update (see docs/PERFORMANCE.md); the endpoints need none of their
+    features.
     """
 
-    def __init__(
-        self, app: Application, fast: FastPath, max_header_size: int, body_timeout: float
-    ) -> None:
-        self.app = app
-        self.fast = fast
-        self.max_header_size = max_header_size
-        self.body_timeout = body_timeout
+    def __init__(self, node: Node, app: Application) -> None:
+        self._node = node
+        self._app = app
 
-    def start_request(
-        self, server_conn: object, request_conn: HTTPConnection
+    def request(
+        self,
+        start_line: RequestStartLine,
+        headers: HTTPHeaders,
+        head_size: int,
+        connection: PublicConnection,
     ) -> HTTPMessageDelegate:
-        return _Dispatch(self, server_conn, request_conn)
-
-    def on_close(self, server_conn: object) -> None:
-        self.app.on_close(server_conn)
-
-
-class _Dispatch(HTTPMessageDelegate):
-    """Picks the delegate once the request line is known."""
-
-    def __init__(self, door: FrontDoor, server_conn: object, request_conn: HTTPConnection) -> None:
-        self._door = door
-        self._server_conn = server_conn
-        self._request_conn = request_conn
-        self._target: HTTPMessageDelegate | None = None
-        self._body_timer: asyncio.TimerHandle | None = None
-
-    def headers_received(
-        self, start_line: RequestStartLine | ResponseStartLine, headers: HTTPHeaders
-    ) -> Awaitable[None] | None:
-        assert isinstance(start_line, RequestStartLine)
-        door = self._door
-        connection = self._request_conn
-        if _head_size(start_line, headers) > door.max_header_size:
-            self._target = Refusal(connection, 431, "max_header_size")
-        else:
-            self._target = door.fast(start_line, connection) or door.app.start_request(
-                self._server_conn, connection
-            )
-        if headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in headers:
-            # One timer per request with a body, rather than Tornado's body_timeout,
-            # which wraps every read in a timeout future (8% of a PUT's CPU, measured).
-            self._body_timer = asyncio.get_running_loop().call_later(
-                door.body_timeout, self._body_too_slow
-            )
-        return self._target.headers_received(start_line, headers)
-
-    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
-        return self._target.data_received(chunk)
-
-    def finish(self) -> None:
-        self._stop_timer()
-        self._target.finish()
-
-    def on_connection_close(self) -> None:
-        self._stop_timer()
-        if self._target is not None:
-            self._target.on_connection_close()
-
-    def _stop_timer(self) -> None:
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = None
-
-    def _body_too_slow(self) -> None:
-        self._body_timer = None
-        event(logging.INFO, "http.body_timeout", timeout=self._door.body_timeout)
-        assert isinstance(self._request_conn, HTTP1Connection)
-        self._request_conn.close()
-
-
-def _head_size(start_line: RequestStartLine, headers: HTTPHeaders) -> int:
-    """The size of a request head as sent, give or take the spelling of line ends."""
-    size = len(start_line.method) + len(start_line.path) + len(start_line.version) + 4
-    for name, value in headers.get_all():
-        size += len(name) + len(value) + 4
-    return size
+        node = self._node
+        if head_size > node.max_header_size:
+            return Refusal(connection, 431, "max_header_size")
+        method, path = start_line.method, start_line.path
+        if method == "PUT":
+            if path.startswith(UPDATE_PREFIX):
+                return UpdateRequest(node, connection)
+        elif method == "POST":
+            if path.startswith(webpush_endpoint.POST_PREFIX):
+                return UpdateRequest(node, connection, POST_ROUTE)
+        elif method == "DELETE":
+            if path.startswith(webpush_endpoint.MESSAGE_PREFIX):
+                return UpdateRequest(node, connection, DELETE_ROUTE)
+        elif (
+            method == "GET"
+            and "Upgrade" in headers
+            # tornado.web's HTTPServerRequest answers 400 without it, as before
+            and ("Host" in headers or start_line.version == "HTTP/1.0")
+            and len(node.registry) < node.max_connections
+            and not _APP_PATHS.match(path)
+        ):
+            handshake = _handshake(headers)
+            if not isinstance(handshake, HTTPError):
+                return DeviceUpgrade(node, connection, handshake)
+        return self._app.start_request(connection, connection)
 
 
 # A refused request's body is read and dropped (so the client can read the
@@ -296,7 +263,7 @@ _DRAIN = 1 << 62
 class Refusal(HTTPMessageDelegate):
     """A request over a limit: answered at once, its body drained, then the exchange ends."""
 
-    def __init__(self, connection: HTTPConnection, status: int, limit: str) -> None:
+    def __init__(self, connection: PublicConnection, status: int, limit: str) -> None:
         self._connection = connection
         self._status = status
         self._limit = limit
@@ -310,12 +277,12 @@ class Refusal(HTTPMessageDelegate):
         self._connection.finish()
 
 
-def refuse(connection: HTTPConnection, status: int, limit: str) -> None:
+def refuse(connection: PublicConnection, status: int, limit: str) -> None:
     """Answer `status` now; the caller finishes the exchange once the body has been read."""
     event(logging.INFO, "http.refused", status=status, limit=limit)
     connection.set_max_body_size(_DRAIN)
     body = error_body(status, responses[status]).encode()
-    _write_answer(connection, status, body, {"Date": _http_date()})
+    _write_answer(connection, status, body, (("Date", _http_date()),))
 
 
 _date: tuple[int, str] = (0, "")
@@ -331,19 +298,15 @@ def _http_date() -> str:
 
 
 def _write_answer(
-    connection: HTTPConnection, status: int, body: bytes, extra: dict[str, str]
+    connection: PublicConnection, status: int, body: bytes, extra: Iterable[tuple[str, str]]
 ) -> None:
     """A whole JSON answer (or an empty one) in one write."""
     if body:
-        headers = HTTPHeaders(
-            {"Content-Type": "application/json", "Content-Length": str(len(body))}
-        )
+        fields = f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
     else:
-        headers = HTTPHeaders({} if status == 204 else {"Content-Length": "0"})
-    headers.update(extra)
-    connection.write_headers(
-        ResponseStartLine("HTTP/1.1", status, responses[status]), headers, body
-    )
+        fields = "" if status == 204 else "Content-Length: 0\r\n"
+    fields += "".join(f"{name}: {value}\r\n" for name, value in extra)
+    connection.answer(status, fields, body)
 
 
 # Answers one hot request from its path, headers and body (endpoint.py, webpush_endpoint.py).
@@ -399,10 +362,9 @@ DELETE_ROUTE = Route(
 
 
 class UpdateRequest(HTTPMessageDelegate):
-    """An app server's PUT, POST or DELETE on Tornado's HTTP/1.1 connection, answered by
-    its Route."""
+    """An app server's PUT, POST or DELETE, answered by its Route."""
 
-    def __init__(self, node: Node, connection: HTTPConnection, route: Route = PUT_ROUTE) -> None:
+    def __init__(self, node: Node, connection: PublicConnection, route: Route = PUT_ROUTE) -> None:
         self._node = node
         self._connection = connection
         self._route = route
@@ -487,10 +449,10 @@ class UpdateRequest(HTTPMessageDelegate):
             answer = route.failure
         if self._gone:
             return
-        extra = {"Access-Control-Allow-Origin": "*", "Date": _http_date()}
+        extra = [("Access-Control-Allow-Origin", "*"), ("Date", _http_date())]
         if answer.retry_after:
-            extra["Retry-After"] = endpoint.RETRY_AFTER
-        extra.update(answer.headers)
+            extra.append(("Retry-After", endpoint.RETRY_AFTER))
+        extra += answer.headers
         _write_answer(self._connection, answer.status, answer.body, extra)
         self._connection.finish()
         event(
@@ -572,17 +534,7 @@ def make_app(node: Node, admin: AdminSettings | None = None) -> FrontDoor:
         log_function=_log_request,
     )
 
-    def fast(line: RequestStartLine, connection: HTTPConnection) -> HTTPMessageDelegate | None:
-        method, path = line.method, line.path
-        if method == "PUT" and path.startswith(UPDATE_PREFIX):
-            return UpdateRequest(node, connection)
-        if method == "POST" and path.startswith(webpush_endpoint.POST_PREFIX):
-            return UpdateRequest(node, connection, POST_ROUTE)
-        if method == "DELETE" and path.startswith(webpush_endpoint.MESSAGE_PREFIX):
-            return UpdateRequest(node, connection, DELETE_ROUTE)
-        return None
-
-    return FrontDoor(app, fast, node.max_header_size, node.body_timeout)
+    return FrontDoor(node, app)
 
 
 def _log_request(handler: RequestHandler) -> None:

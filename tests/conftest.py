@@ -28,11 +28,11 @@ from urllib.parse import urlsplit
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
-from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from simplepush.config import ServerSettings, Settings, StorageSettings
+from simplepush.http1 import PublicServer
 from simplepush.node import Node
 from simplepush.server import build_node, public_server
 from simplepush.tokens import generate_key
@@ -154,17 +154,17 @@ def app(node):
 @pytest.fixture
 def http_server(
     app: Any, server_settings: Settings, io_loop: IOLoop, _unused_port: tuple
-) -> Iterator[HTTPServer]:
+) -> Iterator[PublicServer]:
     """The public listener as `simplepush` builds it (limits, TLS), on pytest-tornado's port.
 
     Replaces the plugin's fixture, which builds a bare HTTPServer and looks
     `app` up too late for the backend parametrisation to reach it.
     """
     server = public_server(app, server_settings.server)
-    server.add_socket(_unused_port[0])
+    io_loop.run_sync(lambda: server.start([_unused_port[0]]))
     yield server
-    server.stop()
-    io_loop.run_sync(server.close_all_connections)
+    server.stop_accepting()
+    io_loop.run_sync(server.close_connections)
 
 
 @pytest.fixture
