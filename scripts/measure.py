@@ -55,9 +55,10 @@ from pathlib import Path
 from typing import Any
 
 from simplepush.bench.selfsigned import write_self_signed
+from simplepush.bench.shared import shared_dir
 
 REPO = Path(__file__).resolve().parents[1]
-PEERS = REPO.parent / "shared" / "peers"
+PEERS = shared_dir() / "peers"
 # What each peer needs in --peers.
 PEER_FILES = {"pushgo": "pushgo/run.sh", "floor": "floor/floor_server.py"}
 MODE = re.compile(r"(memory|sqlite|memcached)-([1-9][0-9]*)")
@@ -543,7 +544,8 @@ def main() -> None:
         if server.kind in PEER_FILES and not (Path(args.peers) / PEER_FILES[server.kind]).exists():
             parser.error(
                 f"--servers {server.name}: no {PEER_FILES[server.kind]} in {args.peers} "
-                "(the peers live in shared/peers beside the repo; --peers DIR names another)"
+                "(shared/peers beside the repo, in /work/shared or in $SIMPLEPUSH_SHARED;"
+                " --peers DIR names another)"
             )
     statsd_port = statsd_sink()[0] if args.statsd == "on" else None
     label = f" {args.label}" if args.label else ""

@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from simplepush.bench.shared import shared_dir
 from tests.conftest import free_port, new_id
 from tests.test_cli import EXIT_TIMEOUT, SCRIPT, Server, launch
 from tests.test_cluster import Device, notification, put
@@ -47,7 +48,7 @@ from tests.test_dashboard import WebPushDevice, post, stats_when
 from tests.test_docs import emitted
 
 REPO = Path(__file__).resolve().parents[1]
-HEKA = REPO.parent / "shared" / "heka"
+HEKA = shared_dir() / "heka"
 HEKAD, HEKA_CAT = HEKA / "bin" / "hekad", HEKA / "bin" / "heka-cat"
 SHIPPED = REPO / "contrib" / "heka" / "hekad.toml"
 # The shipped config's [metrics] prefix, as its stat names spell it.
@@ -154,7 +155,8 @@ def start_heka(tmp: Path) -> Heka:
     if not HEKAD.is_file() or not HEKA_CAT.is_file():
         pytest.fail(
             f"{HEKAD} or {HEKA_CAT} is missing: the Heka test runs the real hekad 0.10"
-            " that ../shared/heka holds beside the repository (see its README.md)"
+            " that shared/heka holds: beside the repository, in /work/shared or in"
+            " $SIMPLEPUSH_SHARED (simplepush/bench/shared.py; see shared/heka/README.md)"
         )
     env = {**os.environ, "LD_LIBRARY_PATH": str(library_path(tmp))}
     text = SHIPPED.read_text(encoding="utf-8")
@@ -306,11 +308,13 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
                 "the server to reopen simplepush.log",
             )
             puts += after_rotation(server)
-            # Every socket closed and counted: the totals are final.
+            # Every PUT and every socket counted: the totals are final. (The dashboard
+            # samples the workers: an older sample can have its sockets all closed too.)
             final = stats_when(
                 admin_port,
                 lambda view: (
                     view["connections"] == 0
+                    and view["totals"].get("updates.appserver.incoming") == puts
                     and view["totals"].get("client.socket.disconnect")
                     == view["totals"].get("client.socket.connect")
                 ),
