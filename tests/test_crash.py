@@ -88,9 +88,15 @@ def storage_section(backend: str, directory: Path, memcached: Memcached | None) 
 
 
 def write_config(
-    directory: Path, name: str, storage: str, processes: int, token_key: str, level: str
+    directory: Path,
+    name: str,
+    storage: str,
+    processes: int,
+    token_key: str,
+    level: str,
+    extra: str = "",
 ) -> Server:
-    """A config for a server on free ports; the Server, not yet launched."""
+    """A config for a server on free ports, `extra` sections last; the Server, not launched."""
     port, router_port = free_port(), free_ports(processes)
     log = directory / f"{name}.log"
     config = directory / f"{name}.ini"
@@ -104,7 +110,8 @@ def write_config(
         f"router_port = {router_port}\n"
         f"[storage]\n{storage}"
         f"[logging]\noutput = {log}\nlevel = {level}\n"
-        "[admin]\nport = 0\n",
+        "[admin]\nport = 0\n"
+        f"{extra}",
         encoding="utf-8",
     )
     return Server(config, port, router_port, processes, log, directory / f"{name}.stderr")
@@ -138,13 +145,14 @@ def kill_9(server: Server) -> None:
 
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """servers(storage, processes=1, level="info") -> a started Server with a new token key;
-    every process of every server is killed at teardown."""
+    """servers(storage, processes=1, level="info", extra="") -> a started Server, all with one
+    new token key, `extra` config sections added; every process is killed at teardown."""
     made: list[Server] = []
     token_key = generate_key()
 
-    def _start(storage: str, processes: int = 1, level: str = "info") -> Server:
-        server = write_config(tmp_path, f"node{len(made)}", storage, processes, token_key, level)
+    def _start(storage: str, processes: int = 1, level: str = "info", extra: str = "") -> Server:
+        name = f"node{len(made)}"
+        server = write_config(tmp_path, name, storage, processes, token_key, level, extra)
         made.append(server)
         start(server)
         return server

@@ -29,7 +29,6 @@ from urllib.parse import urlsplit
 import pytest
 import websocket
 
-from simplepush.tokens import generate_key
 from tests.conftest import new_id
 from tests.test_cluster import (
     EXIT_TIMEOUT,
@@ -54,7 +53,7 @@ from tests.test_cluster_webpush import (
     bodies,
 )
 from tests.test_cluster_webpush import notification as message
-from tests.test_crash import start, storage_section, write_config
+from tests.test_crash import servers, storage_section  # noqa: F401
 
 D = TypeVar("D", bound=Device)
 COUNT = 30  # updates per device in the routing tests
@@ -66,21 +65,10 @@ KINDS = (Device,) * 3 + (Phone,) * 3  # the devices put on each worker in the ki
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Callable[[], Server]]:
+def cluster(servers: Callable[..., Server], tmp_path: Path) -> Callable[[], Server]:  # noqa: F811
     """cluster() -> a started `processes = 2` server on a fresh sqlite file, logging at
     debug; every process is killed at teardown."""
-    made: list[Server] = []
-
-    def _start() -> Server:
-        storage = storage_section("sqlite", tmp_path, None)
-        server = write_config(tmp_path, "node", storage, 2, generate_key(), "debug")
-        made.append(server)
-        start(server)
-        return server
-
-    yield _start
-    for server in made:
-        server.kill_all()
+    return lambda: servers(storage_section("sqlite", tmp_path, None), 2, "debug")
 
 
 @pytest.fixture

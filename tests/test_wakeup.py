@@ -61,7 +61,7 @@ from tests.conftest import free_port, new_id
 from tests.test_cli import SCRIPT, assert_config_error, run_cli
 from tests.test_cluster import IO_TIMEOUT, Device, Server, memcached_proc, via  # noqa: F401
 from tests.test_cluster import put as http_put
-from tests.test_crash import start, storage_section, write_config
+from tests.test_crash import servers, storage_section  # noqa: F401
 from tests.test_websocket import hang_up, hello, hello_ok, notification
 from tests.webpush_device import (
     assert_created,
@@ -781,23 +781,12 @@ async def test_other_devices_keep_their_socket_open(connect, phone, address):
 
 
 @pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """servers(storage, processes=1) -> a started `simplepush --config` with wake-up on
-    for 127.0.0.0/8, logging at debug, all with one token key; killed at teardown."""
-    made: list[Server] = []
-    token_key = generate_key()
-
-    def _start(storage: str, processes: int = 1) -> Server:
-        server = write_config(tmp_path, f"node{len(made)}", storage, processes, token_key, "debug")
-        with server.config.open("a", encoding="utf-8") as config:
-            config.write("[wakeup]\nnetworks = 127.0.0.0/8\n")
-        made.append(server)
-        start(server)
-        return server
-
-    yield _start
-    for server in made:
-        server.kill_all()
+def wakeable(servers: Callable[..., Server]) -> Callable[..., Server]:  # noqa: F811
+    """wakeable(storage, processes=1) -> a started `simplepush --config` with wake-up on for
+    127.0.0.0/8, logging at debug, all with one token key; killed at teardown."""
+    return lambda storage, processes=1: servers(
+        storage, processes, "debug", "[wakeup]\nnetworks = 127.0.0.0/8\n"
+    )
 
 
 @pytest.fixture
@@ -841,20 +830,20 @@ def at_once(endpoints: list[str], version: int) -> list[int]:
         return list(pool.map(send, endpoints))
 
 
-def sent_by(servers: list[Server]) -> list[int]:
+def sent_by(nodes: list[Server]) -> list[int]:
     """The Pid of every wakeup.sent record in these servers' logs."""
-    return [r["Pid"] for server in servers for r in server.records("wakeup.sent")]
+    return [r["Pid"] for server in nodes for r in server.records("wakeup.sent")]
 
 
 def test_two_nodes_on_one_memcached_send_one_datagram_for_a_put(
-    servers,
+    wakeable,
     memcached_proc,  # noqa: F811
     devices,
     phones,
     tmp_path,
 ):
     storage = storage_section("memcached", tmp_path, memcached_proc)
-    a, b = servers(storage), servers(storage)
+    a, b = wakeable(storage), wakeable(storage)
     # One PUT, on the node that did not hold the device.
     phone = phones()
     uaid, chid, endpoint = asleep_on(devices, a, phone)
@@ -873,9 +862,9 @@ def test_two_nodes_on_one_memcached_send_one_datagram_for_a_put(
 
 
 def test_two_sqlite_workers_send_one_datagram_for_concurrent_puts(
-    servers, devices, phones, tmp_path
+    wakeable, devices, phones, tmp_path
 ):
-    server = servers(storage_section("sqlite", tmp_path, None), processes=2)
+    server = wakeable(storage_section("sqlite", tmp_path, None), processes=2)
     phone = phones()
     _, _, endpoint = asleep_on(devices, server, phone)
     assert http_put(endpoint, "version=1").status == 202
