@@ -342,6 +342,19 @@ class Refused(Exception):
     """The connect was refused: the server is down and the request never left."""
 
 
+def request(
+    conn: http.client.HTTPConnection, endpoint: str, value: int | bytes, ttl: int = TTL
+) -> None:
+    """Write a PUT (int: version=value) or a POST (bytes: the body, `ttl`, aes128gcm)."""
+    path = urlsplit(endpoint).path
+    if isinstance(value, int):
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        conn.request("PUT", path, body=f"version={value}".encode(), headers=form)
+    else:
+        headers = {"TTL": str(ttl), "Content-Encoding": "aes128gcm"}
+        conn.request("POST", path, body=value, headers=headers)
+
+
 def send(server: Server, endpoint: str, value: int | bytes) -> int | None:
     """A PUT (int version) or POST (body) on a fresh connection: its status, None if the
     connection was cut after the request may have reached the server."""
@@ -351,13 +364,7 @@ def send(server: Server, endpoint: str, value: int | bytes) -> int | None:
             conn.connect()
         except ConnectionRefusedError:
             raise Refused from None
-        path = urlsplit(endpoint).path
-        if isinstance(value, int):
-            form = {"Content-Type": "application/x-www-form-urlencoded"}
-            conn.request("PUT", path, body=f"version={value}".encode(), headers=form)
-        else:
-            headers = {"TTL": str(TTL), "Content-Encoding": "aes128gcm"}
-            conn.request("POST", path, body=value, headers=headers)
+        request(conn, endpoint, value)
         response = conn.getresponse()
         response.read()
         return response.status

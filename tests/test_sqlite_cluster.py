@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit
 
 import pytest
 import websocket
@@ -53,7 +52,7 @@ from tests.test_cluster_webpush import (
     bodies,
 )
 from tests.test_cluster_webpush import notification as message
-from tests.test_crash import servers, storage_section  # noqa: F401
+from tests.test_crash import request, servers, storage_section  # noqa: F401
 
 D = TypeVar("D", bound=Device)
 COUNT = 30  # updates per device in the routing tests
@@ -124,13 +123,7 @@ def send(server: Server, endpoint: str, value: int | bytes) -> tuple[int, int]:
     try:
         conn.connect()
         worker = worker_of(server, conn.sock)
-        path = urlsplit(endpoint).path
-        if isinstance(value, int):
-            form = {"Content-Type": "application/x-www-form-urlencoded"}
-            conn.request("PUT", path, body=f"version={value}".encode(), headers=form)
-        else:
-            headers = {"TTL": str(TTL), "Content-Encoding": "aes128gcm"}
-            conn.request("POST", path, body=value, headers=headers)
+        request(conn, endpoint, value, TTL)
         response = conn.getresponse()
         body = response.read()
         assert body == (b"{}" if isinstance(value, int) else b""), (response.status, body)
