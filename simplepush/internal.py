@@ -26,6 +26,8 @@ import logging
 import os
 from typing import cast
 
+import orjson
+
 from simplepush.logs import event
 from simplepush.node import Node
 from simplepush.registry import SUPERSEDED
@@ -106,6 +108,7 @@ class InternalConnection(asyncio.Protocol):
         item = _item(body)
         if item is None:
             return 400, b'{"status":400,"error":"Bad Update"}'
+        node.store.changed_elsewhere(uaid)
         session = node.registry.get(uaid)
         if session is not None and session.deliver(item):
             return 200, b"{}"
@@ -144,7 +147,7 @@ class InternalConnection(asyncio.Protocol):
 def _item(body: bytes) -> Update | Message | None:
     """A routed SimplePush update or WebPush message, or None if malformed."""
     try:
-        fields = json.loads(body)
+        fields = orjson.loads(body)
     except ValueError:
         return None
     if type(fields) is not dict:

@@ -13,9 +13,10 @@ import asyncio
 import base64
 import hashlib
 import hmac
-import json
 import logging
 from urllib.parse import urlsplit
+
+import orjson
 
 from simplepush.httpclient import HttpConn, HttpError, HttpPool
 from simplepush.logs import event
@@ -81,7 +82,7 @@ class Peers:
             if type(update) is Message
             else {"channelID": update.channel_id, "version": update.version, "data": update.data}
         )
-        body = json.dumps(fields, separators=(",", ":")).encode("utf-8")
+        body = orjson.dumps(fields)
         return await self._request(url, b"PUT", f"/push/{uaid}", body)
 
     async def kick(self, url: str, uaid: str, connected_at: float) -> None:

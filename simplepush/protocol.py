@@ -151,6 +151,8 @@ def _finite_float(text: str) -> float:
 # Strict RFC 8259: NaN/Infinity would be echoed back as invalid JSON. One decoder for every
 # frame: json.loads with these hooks would build a new decoder and scanner per call.
 _DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
+# And one encoder for every frame written, rather than one per json.dumps call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 def parse(text: str, identified: bool, webpush: bool = False) -> Outcome:
@@ -346,7 +348,7 @@ def _parse_ack(obj: dict[str, Any]) -> Ack:
 
 
 def _dump(obj: dict[str, Any]) -> str:
-    return json.dumps(obj, separators=(",", ":"))
+    return _ENCODER.encode(obj)
 
 
 def error_reply(request: dict[str, Any], status: int, error: str | None = None) -> str:

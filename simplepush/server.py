@@ -59,8 +59,9 @@ SHUTDOWN_GRACE = 3.0
 SWEEP_INTERVAL_MS = 1000
 
 
-def build_store(storage: StorageSettings) -> Store:
-    """The configured backend; only the memory one loses its state on restart, so it warns.
+def build_store(storage: StorageSettings, node: str) -> Store:
+    """The configured backend (`node`: this worker's name in Holder records); only the
+    memory one loses its state on restart, so it warns.
 
     An sqlite file that cannot be used is a config error (exit 2): config.py
     checks what it can without opening it, and this catches the rest.
@@ -81,6 +82,7 @@ def build_store(storage: StorageSettings) -> Store:
             pending_ttl=storage.pending_ttl,
             uaid_ttl=storage.uaid_ttl,
             timeout=storage.timeout,
+            node=node,
         )
     event(
         logging.WARNING,
@@ -140,7 +142,8 @@ def build_node(settings: Settings, index: int = 0) -> Node:
         if statsd.statsd_host
         else NullMetrics(stats)
     )
-    store = build_store(settings.storage)
+    url = node_url(settings, index)
+    store = build_store(settings.storage, url)
     registry = Registry()
     peers = Peers(router_secrets(keys)[0])
     wakeup = settings.wakeup
@@ -148,7 +151,7 @@ def build_node(settings: Settings, index: int = 0) -> Node:
     node = Node(
         store=store,
         registry=registry,
-        router=Router(store, registry, peers, metrics, node_url(settings, index), waker),
+        router=Router(store, registry, peers, metrics, url, waker),
         tokens=TokenCodec(keys),
         metrics=metrics,
         stats=stats,

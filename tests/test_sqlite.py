@@ -275,7 +275,7 @@ def test_an_unwritable_directory_exits_2(tmp_path, unwritable):
 def test_build_store_turns_an_unusable_file_into_a_config_error(db_path):
     other_database(db_path)
     with pytest.raises(ConfigError, match=r"^\[storage\] path: .*something else"):
-        build_store(StorageSettings(backend="sqlite", path=str(db_path)))
+        build_store(StorageSettings(backend="sqlite", path=str(db_path)), "http://127.0.0.1:8090")
 
 
 def test_a_relative_path_is_taken_from_the_config_files_directory(tmp_path, monkeypatch):

@@ -47,7 +47,8 @@ def new_key() -> str:
 
 @pytest.fixture
 def store(storage_settings: StorageSettings, io_loop: IOLoop) -> Iterator[Store]:
-    store = build_store(storage_settings)
+    """A node named as OLDER is: memcached remembers its writes for the UAIDs it holds."""
+    store = build_store(storage_settings, OLDER.node)
     yield store
     io_loop.run_sync(store.close)
 
@@ -404,7 +405,7 @@ def test_build_store_picks_the_backend_and_only_memory_warns(storage_settings, i
     """Only the memory store loses everything on restart; sqlite and memcached have nothing
     to warn about."""
     caplog.set_level(logging.WARNING)
-    store = build_store(storage_settings)
+    store = build_store(storage_settings, OLDER.node)
     io_loop.run_sync(store.close)
     warnings = [record.getMessage() for record in caplog.records]
     if storage_settings.backend == "memory":
@@ -487,6 +488,140 @@ async def test_a_wakeup_claim_lives_a_second_longer_than_its_interval(memcached_
     head, value = reply.split("\r\n")[:2]
     assert head.startswith("VA ") and 30 <= int(head.split()[2][1:]) <= 31, reply
     assert abs(int(value) - time.time()) <= 2, reply
+
+
+# --- memcached: the holder remembers what it wrote ----------------------------
+
+
+def command_counts(memcached: Memcached) -> dict[str, int]:
+    """memcached's own counts of reads, writes and writes refused for a stale CAS token."""
+    with socket.create_connection(("127.0.0.1", memcached.port), timeout=5) as conn:
+        conn.sendall(b"stats\r\n")
+        reply = b""
+        while not reply.endswith(b"END\r\n"):
+            reply += conn.recv(65536)
+    stats = dict(line.split()[1:3] for line in reply.decode().splitlines() if line[:5] == "STAT ")
+    return {
+        "gets": int(stats["cmd_get"]),
+        "sets": int(stats["cmd_set"]),
+        "refused": int(stats["cas_badval"]),
+    }
+
+
+class Counted:
+    """The reads, writes and refused writes memcached saw within the block."""
+
+    def __init__(self, memcached: Memcached) -> None:
+        self._memcached = memcached
+        self.delta: dict[str, int] = {}
+
+    def __enter__(self) -> Counted:
+        self._before = command_counts(self._memcached)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        after = command_counts(self._memcached)
+        self.delta = {name: after[name] - self._before[name] for name in after}
+
+
+async def held_by_a(node_a: MemcachedStore) -> tuple[str, str]:
+    """A UAID with one channel whose socket node A (OLDER) holds."""
+    uaid, chid = new_key(), new_key()
+    assert await node_a.hello(uaid, None, OLDER) is None
+    assert await node_a.register(uaid, chid, chid, 200) is True
+    return uaid, chid
+
+
+@pytest.mark.gen_test
+async def test_the_holders_next_change_is_one_write_and_no_read(memcached_store, memcached):
+    node_a = memcached_store(node=OLDER.node)
+    uaid, chid = await held_by_a(node_a)
+    with Counted(memcached) as update:
+        assert await node_a.update(uaid, chid, 1, "x") == (Update(chid, 1, "x"), OLDER)
+    with Counted(memcached) as ack:
+        assert await node_a.ack(uaid, [(chid, 1)]) == []
+    assert update.delta == ack.delta == {"gets": 0, "sets": 1, "refused": 0}
+    assert await memcached_store().pending(uaid) == []
+
+
+@pytest.mark.gen_test
+async def test_a_node_that_does_not_hold_the_uaid_reads_before_each_change(
+    memcached_store, memcached
+):
+    node_a, node_b = memcached_store(node=OLDER.node), memcached_store(node=NEWER.node)
+    uaid, chid = await held_by_a(node_a)
+    for version in (1, 2):
+        with Counted(memcached) as update:
+            assert await node_b.update(uaid, chid, version, None) == (
+                Update(chid, version, None),
+                OLDER,
+            )
+        assert update.delta == {"gets": 1, "sets": 1, "refused": 0}
+
+
+@pytest.mark.gen_test
+async def test_a_stale_memory_costs_one_refused_write_and_loses_nothing(memcached_store, memcached):
+    node_a, node_b = memcached_store(node=OLDER.node), memcached_store(node=NEWER.node)
+    uaid, chid = await held_by_a(node_a)
+    await node_a.update(uaid, chid, 1, "one")
+    await node_b.update(uaid, chid, 2, "two")  # node A is not told
+    with Counted(memcached) as ack:
+        # Node A remembers version 1 pending, which the ack clears; memcached has version 2.
+        assert await node_a.ack(uaid, [(chid, 1)]) == [Update(chid, 2, "two")]
+    assert ack.delta == {"gets": 1, "sets": 1, "refused": 1}
+    assert await node_b.pending(uaid) == [Update(chid, 2, "two")]
+    with Counted(memcached) as ack:
+        assert await node_a.ack(uaid, [(chid, 2)]) == []
+    assert ack.delta == {"gets": 1, "sets": 1, "refused": 0}
+    assert await node_b.pending(uaid) == []
+
+
+@pytest.mark.gen_test
+async def test_changed_elsewhere_makes_the_next_change_read_first(memcached_store, memcached):
+    node_a, node_b = memcached_store(node=OLDER.node), memcached_store(node=NEWER.node)
+    uaid, chid = await held_by_a(node_a)
+    await node_a.update(uaid, chid, 1, None)
+    await node_b.update(uaid, chid, 2, None)
+    node_a.changed_elsewhere(uaid)  # node B routed version 2 to node A's socket
+    with Counted(memcached) as ack:
+        assert await node_a.ack(uaid, [(chid, 2)]) == []
+    assert ack.delta == {"gets": 1, "sets": 1, "refused": 0}
+
+
+@pytest.mark.gen_test
+async def test_a_change_that_writes_nothing_answers_from_memcached_not_memory(
+    memcached_store, memcached
+):
+    """Node A remembers the channel registered; node B has since unregistered it."""
+    node_a, node_b = memcached_store(node=OLDER.node), memcached_store(node=NEWER.node)
+    uaid, chid = await held_by_a(node_a)
+    await node_b.unregister(uaid, chid)
+    with Counted(memcached) as register:
+        assert await node_a.register(uaid, chid, chid, 200) is True
+    assert register.delta == {"gets": 1, "sets": 1, "refused": 0}
+    assert await node_b.update(uaid, chid, 7, None) == (Update(chid, 7, None), OLDER)
+
+
+@pytest.mark.gen_test
+async def test_a_kind_remembered_wrongly_does_not_start_the_device_over(memcached_store):
+    """Node A remembers a WebPush record; the UAID was dropped and made SimplePush since."""
+    node_a, node_b = memcached_store(node=OLDER.node), memcached_store(node=NEWER.node)
+    uaid = new_key()
+    assert await node_a.hello(uaid, None, OLDER, webpush=True) is None
+    await node_b.drop(uaid)
+    assert await node_b.hello(uaid, None, NEWER) is None
+    later = Holder(OLDER.node, NEWER.connected_at + 1)
+    assert await node_a.hello(uaid, None, later) == NEWER
+
+
+@pytest.mark.gen_test
+async def test_a_released_uaid_is_no_longer_remembered(memcached_store, memcached):
+    node_a = memcached_store(node=OLDER.node)
+    uaid, chid = await held_by_a(node_a)
+    await node_a.release(uaid, OLDER)
+    with Counted(memcached) as update:
+        await node_a.update(uaid, chid, 1, None)
+    assert update.delta == {"gets": 1, "sets": 1, "refused": 0}
 
 
 # --- memcached: record size ---------------------------------------------------

@@ -42,7 +42,7 @@ AESGCM = {
 @pytest.fixture
 def store(storage_settings: StorageSettings, io_loop: IOLoop) -> Iterator[Store]:
     """The backend of the test's parameter (tests/test_store.py's fixture)."""
-    store = build_store(storage_settings)
+    store = build_store(storage_settings, OLDER.node)
     yield store
     io_loop.run_sync(store.close)
 

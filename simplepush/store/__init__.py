@@ -164,6 +164,11 @@ class Store(ABC):
         """Delete a bounded slice of expired messages; how many (backends that expire
         on their own answer 0)."""
 
+    @abstractmethod
+    def changed_elsewhere(self, uaid: str) -> None:
+        """Another node changed uaid's record (it routed an update here): a backend that
+        remembers records this node wrote forgets this one rather than trip over it."""
+
     async def stats(self) -> dict[str, Any]:
         """What /realstatus tells operators of the backend's data; nothing by default."""
         return {}

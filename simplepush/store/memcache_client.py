@@ -31,7 +31,12 @@ STORED, NOT_STORED, EXISTS, NOT_FOUND, DELETED = (
     b"NOT_FOUND",
     b"DELETED",
 )
+# A meta set that did not store: the item changed (EX), vanished (NF) or exists (NS).
+_LOST_RACE = (b"EX", b"NF", b"NS")
 _VALUE, _LINE = 0, 1
+# Values up to this many bytes are written with meta sets (see swap); memcached's items
+# must be able to hold them (its -I, 1 MB by default, is far larger).
+META_SET_LIMIT = 64 * 1024
 PLACEMENT_CACHE = 65536
 _MAX_VALUE = 2 * 1024 * 1024
 
@@ -317,9 +322,34 @@ class MemcacheClient:
         """Store only if absent: False when another writer created it first."""
         return await self._store(b"add", key, value, expire, None, server) == STORED
 
-    async def cas(self, key: str, value: bytes, token: int, expire: int) -> bool:
-        """Store only if unchanged since `gets` returned token."""
-        return await self._store(b"cas", key, value, expire, token, None) == STORED
+    async def swap(
+        self, key: str, value: bytes, expire: int, token: int | None
+    ) -> tuple[bool, int | None]:
+        """Store only if unchanged since `token` (None: only if absent): whether it was stored
+        (False: another writer got in first), and the new CAS token when memcached told it.
+
+        A meta set (memcached 1.6) answers with the new token, so that a writer
+        that remembers what it wrote can change the item again without reading
+        it first (memcached.py). But a meta set that memcached refuses as too
+        large deletes the item it was to replace (1.6.18 does), so a value
+        past META_SET_LIMIT goes as a classic cas or add, which keeps it.
+        """
+        if len(value) > META_SET_LIMIT:
+            verb = b"add" if token is None else b"cas"
+            return await self._store(verb, key, value, expire, token, None) == STORED, None
+        head = b"ms %s %d T%d c %s" % (
+            key.encode(),
+            len(value),
+            expire,
+            b"ME" if token is None else b"C%d" % token,
+        )
+        command = b"%s\r\n%s\r\n" % (head, value)
+        reply = cast(bytes, await self._call(self.server_for(key), command, _LINE))
+        if reply.startswith(b"HD c"):
+            return True, int(reply[4:])
+        if reply[:2] in _LOST_RACE:
+            return False, None
+        raise MemcacheFailure(f"meta set answered {reply!r}")
 
     async def set(self, key: str, value: bytes, expire: int, server: _Server | None = None) -> None:
         reply = await self._store(b"set", key, value, expire, None, server)

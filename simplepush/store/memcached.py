@@ -1,24 +1,29 @@
 """The memcached store: one record per UAID, shared by every node.
 
 Each UAID is one memcached item (docs/STORAGE.md has the key, the record
-format and the expiry rules). Every change is a read-modify-write with
-gets/cas (add for creation), retried on conflict, so that two nodes writing
-the same UAID at once lose nothing; an update reads the holder in the same
-round trip. The calls go through MemcacheClient, which speaks memcached's
-protocol on the IOLoop without blocking it (memcache_client.py says why not
-in threads).
+format and the expiry rules). Every change is a read-modify-write: a gets,
+then a meta set that stores only if the CAS token is unchanged (only if
+absent, for creation), retried on conflict, so that two nodes writing the
+same UAID at once lose nothing; an update reads the holder in the same
+round trip. The node holding a device's socket makes most of its record's
+changes (hello, register, ack, release), so it remembers what it last wrote
+with the token memcached gave back, and its next change is a single meta
+set, no gets; a stale memory costs one refused set. The calls go through
+MemcacheClient, which speaks memcached's protocol on the IOLoop without
+blocking it (memcache_client.py says why not in threads).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import os
 import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
+
+import orjson
 
 from simplepush.protocol import Wakeup
 from simplepush.store import Enqueued, Fresh, Holder, Store, StoreError, WrongUAID
@@ -48,6 +53,8 @@ CAS_BACKOFF_CAP = 0.05
 # about 15 KB): a UAID's queued WebPush messages all live in its one item, so past this a
 # POST answers 429 (docs/STORAGE.md).
 MAX_RECORD = 1024 * 1024 - 64 * 1024
+# Records this node last wrote for the devices it holds, at most (see _remember).
+RECENT = 65536
 # A queued WebPush message: [chid, id, ttl, expires_at, topic, headers, data]; data last.
 _Q_DATA = 6
 
@@ -63,8 +70,7 @@ def _encode(record: Record) -> bytes:
     header["p"] = {chid: _blob_out(entry, 1, blobs) for chid, entry in record["p"].items()}
     if "q" in record:
         header["q"] = [_blob_out(entry, _Q_DATA, blobs) for entry in record["q"]]
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False)
-    return b"".join((text.encode("utf-8"), b"\n", *blobs))
+    return b"".join((orjson.dumps(header), b"\n", *blobs))
 
 
 def _blob_out(entry: list[Any], index: int, blobs: list[bytes]) -> list[Any]:
@@ -82,7 +88,7 @@ def _blob_out(entry: list[Any], index: int, blobs: list[bytes]) -> list[Any]:
 def _decode(value: bytes) -> Record:
     """JSON never holds a raw newline, so the first one ends the header."""
     offset = value.index(b"\n") + 1
-    record = json.loads(value[: offset - 1])
+    record = orjson.loads(value[: offset - 1])
     entries = [(entry, 1) for entry in record["p"].values()]
     entries += [(entry, _Q_DATA) for entry in record.get("q", ())]
     for entry, index in entries:
@@ -127,12 +133,17 @@ class MemcachedStore(Store):
         pending_ttl: int = 3 * 86400,
         uaid_ttl: int = 60 * 86400,
         timeout: float = 5.0,
+        node: str | None = None,
     ) -> None:
         self._client = MemcacheClient(servers, timeout)
         self._pending_ttl = pending_ttl
         self._uaid_ttl = uaid_ttl
         self._timeout = timeout
         self._closed = False
+        # This node's name in Holder records, and (UAID -> (value, CAS token)) of what it
+        # last wrote for the UAIDs it holds; None: remember nothing.
+        self._node = node
+        self._recent: dict[str, tuple[bytes, int]] = {}
 
     def watch_losses(self, lost: Callable[[Callable[[str], bool]], None]) -> None:
         client = self._client
@@ -154,7 +165,7 @@ class MemcachedStore(Store):
 
     async def _change(self, what: str, uaid: str, change: Change[T], absent: bool = False) -> T:
         return await self._call(
-            what, KEY_PREFIX + uaid, lambda key: self._modify(key, change, absent)
+            what, KEY_PREFIX + uaid, lambda key: self._modify(key, uaid, change, absent)
         )
 
     def _expiry(self, record: Record) -> int:
@@ -188,34 +199,51 @@ class MemcachedStore(Store):
         data, _token = await self._client.gets(key)
         return self._load(data, time.time()) if data is not None else None
 
-    async def _modify(self, key: str, change: Change[T], absent: bool = False) -> T:
-        """Read-modify-write with gets/cas (add when absent), retried while another writer wins.
+    async def _modify(self, key: str, uaid: str, change: Change[T], absent: bool) -> T:
+        """Read-modify-write with gets and a meta set that checks the CAS token (that the item
+        is absent, for a token of None), retried while another writer wins.
 
         change(record, now) returns the record to write (None: nothing to
         write) and the call's result; it runs again on the fresh record after
         a lost race. `absent`: the item is surely not there yet (a UAID just
-        made up), so the first try is an add without a gets.
+        made up), so the first try is an add without a gets. A record this
+        node remembers writing stands in for the gets, but what change makes
+        of it counts only once memcached takes the write: a remembered record
+        may be stale, and its token then makes the set fail.
         """
         client = self._client
         deadline = time.monotonic() + self._timeout
         attempt = 0
+        remembered = self._recent.pop(uaid, None)
         while True:
             if absent:
                 data, token, absent = None, None, False
+            elif remembered is not None:
+                data, token = remembered
             else:
                 data, token = await client.gets(key)
             now = time.time()
             record = self._load(data, now) if data is not None else None
-            new, result = change(record, now)
+            try:
+                new, result = change(record, now)
+            except WrongUAID:
+                if remembered is None:
+                    raise
+                new = None
             if new is None:
-                return result
+                if remembered is None:
+                    return result
+                remembered = None  # the answer must come from memcached's own record
+                continue
             value, expire = _encode(new), self._expiry(new)
-            if token is None:
-                stored = await client.add(key, value, expire)
-            else:
-                stored = await client.cas(key, value, token, expire)
+            stored, written = await client.swap(key, value, expire, token)
             if stored:
+                if written is not None:
+                    self._remember(uaid, new, value, written)
                 return result
+            if remembered is not None:
+                remembered = None
+                continue
             attempt += 1
             if time.monotonic() >= deadline:
                 raise StoreError(
@@ -223,6 +251,21 @@ class MemcachedStore(Store):
                     f" {attempt} writes in a row for {self._timeout} s"
                 )
             await asyncio.sleep(random.uniform(0, min(CAS_BACKOFF_CAP, CAS_BACKOFF * 2**attempt)))
+
+    def _remember(self, uaid: str, record: Record, value: bytes, token: int) -> None:
+        """Keep what was written while this node holds the UAID: its sessions write next.
+
+        Keyed by the UAID itself, the string its session holds too."""
+        held = record.get("h")
+        recent = self._recent
+        if held is None or held[0] != self._node:
+            return
+        if len(recent) >= RECENT:
+            del recent[next(iter(recent))]  # the oldest entry
+        recent[uaid] = (value, token)
+
+    def changed_elsewhere(self, uaid: str) -> None:
+        self._recent.pop(uaid, None)
 
     async def known(self, uaid: str) -> bool:
         async def job(key: str) -> bool:
@@ -291,6 +334,7 @@ class MemcachedStore(Store):
         return await self._call("claim_wakeup", KEY_PREFIX + uaid, job)
 
     async def drop(self, uaid: str) -> None:
+        self.changed_elsewhere(uaid)
         await self._call("drop", KEY_PREFIX + uaid, self._client.delete)
 
     async def register(

@@ -198,6 +198,9 @@ class MemoryStore(Store):
             if entry is not None and entry[0] == chid:
                 del messages[mid]
 
+    def changed_elsewhere(self, uaid: str) -> None:
+        """Every node reads the one dict: nothing to forget."""
+
     async def sweep(self) -> int:
         """One slice of the UAIDs holding messages per call, round and round."""
         order = self._sweep_order

@@ -584,6 +584,9 @@ class SqliteStore(Store):
             [(uaid, chid, mid) for chid, mid in removals],
         )
 
+    def changed_elsewhere(self, uaid: str) -> None:
+        """Every read goes to the file: nothing to forget."""
+
     async def sweep(self) -> int:
         return await self._run("sweep", self._sweep)
 
