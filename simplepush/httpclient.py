@@ -130,16 +130,16 @@ class HttpConn(asyncio.Protocol):
         status = int(head[9:12])
         if status < 200:  # 100 Continue and friends: another head follows
             return
-        connection = _header(head, b"connection")
+        connection = header_value(head, b"connection")
         if head.startswith(b"http/1.1 "):  # persistent unless told otherwise
             self.keep = b"close" not in connection
         else:
             self.keep = b"keep-alive" in connection
-        self.chunked = _header(head, b"transfer-encoding").endswith(b"chunked")
+        self.chunked = header_value(head, b"transfer-encoding").endswith(b"chunked")
         if self.bodiless or status in (204, 304):
             self.chunked, self.need = False, 0
         elif not self.chunked:  # chunked wins over a Content-Length
-            length = _header(head, b"content-length")
+            length = header_value(head, b"content-length")
             if not length:
                 self.need, self.keep = UNTIL_CLOSE, False
             else:
@@ -182,7 +182,7 @@ class HttpConn(asyncio.Protocol):
         self.pool.lost(self)
 
 
-def _header(head: bytes, name: bytes) -> bytes:
+def header_value(head: bytes, name: bytes) -> bytes:
     """Value of header ``name`` in a lower-cased head, b"" if absent."""
     start = head.find(b"\r\n" + name + b":")
     if start < 0:

@@ -9,7 +9,6 @@ with a secret derived from the token key that every node shares.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
@@ -18,14 +17,18 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from simplepush.httpclient import HttpConn, HttpError, HttpPool
+from simplepush.httpclient import MAX_HEAD, HttpError, header_value
 from simplepush.logs import event
+from simplepush.pipeline import Pipelined, Server
 from simplepush.updates import Update
 from simplepush.webpush import Message
 
 # A peer that does not answer within this is treated as gone (PROTOCOL.md 6.3).
 TIMEOUT = 3.0
-POOL_SIZE = 16
+
+
+class LinkLost(HttpError):
+    """The connection to a peer closed under a request (the peer restarted, or went away)."""
 _CONTEXT = b"simplepush internal router v1"
 
 
@@ -42,37 +45,73 @@ def router_secrets(token_keys: list[str]) -> list[str]:
     ]
 
 
+class _Link(Pipelined):
+    """The answers of another node's internal listener, in the order of the requests: each
+    a status line and headers with Content-Length (internal.py always sends one), then a body
+    that nothing here reads."""
+
+    __slots__ = ()
+    failure = HttpError
+    closed = LinkLost
+
+    def _parse(self) -> None:
+        buffer, pending = self._buffer, self._pending
+        while pending:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > MAX_HEAD:
+                    raise HttpError("answer head too large")
+                return
+            head = bytes(buffer[:end]).lower()
+            length = header_value(head + b"\r\n", b"content-length")
+            if not head.startswith(b"http/1.1 ") or not length.isdigit():
+                raise HttpError("not an answer of an internal listener")
+            size = end + 4 + int(length)
+            if len(buffer) < size:
+                return
+            del buffer[:size]
+            self._answer(int(head[9:12]))
+        if buffer:
+            raise HttpError("answer to no request")
+
+
+class _Peer(Server):
+    """Another node's internal listener: one keep-alive connection, requests pipelined."""
+
+    __slots__ = ("host",)
+    protocol = _Link
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        super().__init__((parts.hostname or "127.0.0.1", parts.port or 80), TIMEOUT)
+        self.host = parts.netloc.encode("ascii")
+
+
 class Peers:
     def __init__(self, secret: str) -> None:
         self._auth = b"Authorization: Bearer %s\r\n" % secret.encode("ascii")
-        self._pools: dict[str, HttpPool] = {}
-
-    def _pool(self, url: str) -> HttpPool:
-        pool = self._pools.get(url)
-        if pool is None:
-            parts = urlsplit(url)
-            host, port = parts.hostname or "127.0.0.1", parts.port or 80
-
-            async def connect(conn: HttpConn) -> HttpConn:
-                loop = asyncio.get_running_loop()
-                await loop.create_connection(lambda: conn, host, port)
-                return conn
-
-            pool = self._pools[url] = HttpPool(parts.netloc, connect, POOL_SIZE)
-        return pool
+        self._peers: dict[str, _Peer] = {}
 
     async def _request(self, url: str, method: bytes, path: str, body: bytes = b"") -> int | None:
         """The peer's status, or None when it cannot be reached in time."""
-        headers = self._auth + (b"Content-Type: application/json\r\n" if body else b"")
+        peer = self._peers.get(url)
+        if peer is None:
+            peer = self._peers[url] = _Peer(url)
+        kind = b"Content-Type: application/json\r\n" if body else b""
+        request = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s%sContent-Length: %d\r\n\r\n%s" % (
+            method,
+            path.encode("ascii"),
+            peer.host,
+            self._auth,
+            kind,
+            len(body),
+            body,
+        )
         try:
-            async with asyncio.timeout(TIMEOUT):
-                status, _body, _sent = await self._pool(url).request(
-                    method, path.encode("ascii"), body, headers
-                )
-        except (OSError, TimeoutError, HttpError) as exc:
+            return await peer.call(request, None)
+        except HttpError as exc:
             event(logging.WARNING, "router.unreachable", node=url, error=str(exc) or repr(exc))
             return None
-        return status
 
     async def push(self, url: str, uaid: str, update: Update | Message) -> int | None:
         """The peer's answer: 200 written to the socket, 202 its hello's flush will send it,
@@ -90,6 +129,6 @@ class Peers:
         await self._request(url, b"DELETE", f"/notif/{uaid}/{connected_at!r}")
 
     def close(self) -> None:
-        for pool in self._pools.values():
-            pool.close()
-        self._pools.clear()
+        for peer in self._peers.values():
+            peer.close()
+        self._peers.clear()

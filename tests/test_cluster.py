@@ -601,6 +601,43 @@ def test_the_internal_listener_wants_the_secret_and_is_not_on_the_public_port(
     assert device.expect_close() == SUPERSEDED
 
 
+def test_the_internal_listener_answers_pipelined_requests_in_order(cluster, connect, token_key):
+    """peers.py writes the requests of one loop turn back to back on one connection."""
+    server = cluster()
+    device, [chid], _ = registered(connect, server)
+    auth = f"Authorization: Bearer {router_secrets([token_key])[0]}\r\n"
+    body = json.dumps({"channelID": chid, "version": 5, "data": None})
+
+    def request(uaid: str, authorization: str) -> bytes:
+        return (
+            f"PUT /push/{uaid} HTTP/1.1\r\nHost: peer\r\n{authorization}"
+            f"Content-Length: {len(body)}\r\n\r\n{body}"
+        ).encode()
+
+    requests = [
+        request(uuid.uuid4().hex, auth),
+        request(device.uaid, ""),
+        request(device.uaid, auth),
+    ]
+    with socket.create_connection(("127.0.0.1", server.router_port), timeout=IO_TIMEOUT) as conn:
+        conn.sendall(b"".join(requests))
+        reader = conn.makefile("rb")
+        statuses = []
+        for _ in requests:
+            status = int(reader.readline().split()[1])
+            headers = dict(
+                line.decode().rstrip("\r\n").lower().split(": ", 1)
+                for line in iter(reader.readline, b"\r\n")
+            )
+            statuses.append((status, reader.read(int(headers["content-length"]))))
+    assert statuses == [
+        (404, b'{"status":404,"error":"Not Connected Here"}'),
+        (401, b'{"status":401,"error":"Unauthorized"}'),
+        (200, b"{}"),
+    ]
+    assert device.recv() == notification((chid, 5))
+
+
 # --- config -----------------------------------------------------------------------------
 
 
