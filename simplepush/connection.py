@@ -224,6 +224,8 @@ class DeviceConnection(asyncio.Protocol):
         node = self._node
         connections = node.registry.connections
         connections.discard(session)
+        # The transport holds this protocol: letting go of it leaves no cycle to collect.
+        self._transport = None
         lifespan = time.time() - session.connected_at
         metrics = node.metrics
         metrics.incr("client.socket.disconnect")

@@ -51,6 +51,24 @@ class Transport(Protocol):
         """Close the socket (idempotent)."""
 
 
+class _Gone:
+    """The transport of a closed session: writes nothing, closes nothing.
+
+    The socket's protocol holds the session and the session held it: once
+    closed, the session lets go, so that both are freed when their last use
+    ends rather than at the collector's next full pass.
+    """
+
+    def send(self, text: str) -> bool:
+        return False
+
+    def close(self, code: int, reason: str) -> None:
+        pass
+
+
+_GONE = _Gone()
+
+
 def new_uaid() -> str:
     return uuid.uuid4().hex
 
@@ -426,6 +444,7 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        self._transport = _GONE
         if self._nap is not None:
             self._nap.cancel()
         if self.key is not None:

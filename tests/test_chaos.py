@@ -64,8 +64,13 @@ REJOIN_TIMEOUT = 10.0  # a device gives up reconnecting after this long
 SETTLE_TIMEOUT = 10.0  # for every acknowledged update to reach its device
 WARMUP_PUTS = 150  # answered PUTs before the fault, so that it hits a running stream
 # Devices cut off by a dead worker wait this long before rejoining: longer than the
-# supervisor takes to replace it, so the last updates for them are stored, not sent.
-REJOIN_BACKOFF = 1.5
+# supervisor takes to replace it plus STORED_TIMEOUT, so the last updates for them are
+# stored, not sent.
+REJOIN_BACKOFF = 3.0
+# After the replacement the stream goes on until an update for a cut-off device has been
+# stored (202), for at most this long: in the second after the kill the producers may not
+# have reached one of them (their connections wait for the replacement too).
+STORED_TIMEOUT = 1.5
 OUTAGE = 1.5  # seconds memcached stays down
 OUTAGE_PUTS = 20  # at least this many PUTs must fall wholly inside the outage
 ACCEPTED = (200, 202)
@@ -308,9 +313,16 @@ class Fleet:
                 if self.stop_puts.is_set():
                     return
 
-    def answered(self, since: float = 0.0) -> int:
+    def answered(self, since: float = 0.0, status: int | None = None) -> int:
+        """PUTs started since then and answered (with that status, when one is given)."""
         with self.lock:
-            return sum(1 for s in self.sent if s.status is not None and s.started >= since)
+            return sum(
+                1
+                for s in self.sent
+                if s.status is not None
+                and s.started >= since
+                and (status is None or s.status == status)
+            )
 
     def stop(self) -> list[Sent]:
         self.stop_puts.set()
@@ -424,8 +436,15 @@ def test_kill_9_of_a_worker_under_load_loses_no_acknowledged_update(fleet):
         server,
     )
     replaced = time.monotonic()
-    # The stream ends here, so that the last update of each channel of the dead worker's
-    # devices is one they were not connected for: a later one would hide its loss.
+    wait_until(
+        lambda: crowd.answered(killed, 202) > 0,
+        STORED_TIMEOUT,
+        "an update stored for a device of the dead worker",
+        server,
+    )
+    # The stream ends here, before the cut-off devices rejoin, so that the last update of
+    # each of their channels is one they were not connected for: a later one would hide
+    # its loss.
     sent = crowd.stop()
     highest = acknowledged(sent)
     stored = {(s.chid, s.version) for s in sent if s.status == 202}

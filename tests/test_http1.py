@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import logging
 import re
 import socket
 import ssl
+import time
 from pathlib import Path
 
 import pytest
@@ -337,3 +339,38 @@ async def test_over_tls_frames_sent_with_the_upgrade_go_to_the_device(tls, http_
     assert (await device.recv_json())["status"] == 200
     assert await device.recv_frame() == (TEXT, b"{}")
     writer.close()
+
+
+# --- what a closed socket leaves behind -----------------------------------------
+
+
+async def test_a_device_that_leaves_leaves_no_cycle_for_the_collector(connect, node, put):
+    """Workers run the garbage collector rarely (server.GC_THRESHOLDS), so a device's
+    objects must go with their last reference, not wait for a full collection."""
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        device = await connect()
+        await device.hello()
+        endpoint = await device.register()
+        assert (await put(endpoint, "version=7")).code == 200
+        [update] = (await device.recv())["updates"]
+        await device.ack(update["channelID"], 7)
+        await device.request({"messageType": "ping"})
+        device.conn.stream.close()  # no close frame: the socket just ends
+        deadline = time.monotonic() + 5
+        while node.registry.connections:
+            assert time.monotonic() < deadline, "the server did not see the socket close"
+            await asyncio.sleep(0.01)
+        gc.collect()
+        ours = sorted(
+            {
+                type(o).__name__
+                for o in gc.garbage
+                if str(type(o).__module__).startswith("simplepush")
+            }
+        )
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert ours == []
