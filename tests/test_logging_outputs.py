@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pty
 import shutil
@@ -533,3 +534,17 @@ def test_sighup_to_the_supervisor_reopens_every_workers_log_file(request, tmp_pa
     assert {r["Fields"]["worker"] for r in old if r["Type"] == "server.start"} == {0, 1}
     assert {r["Fields"]["worker"] for r in new if r["Type"] == "server.stop"} == {0, 1}
     assert not {"logging.reopened", "server.stop"} & types_of(old)
+
+
+def test_a_field_orjson_refuses_still_makes_a_json_line():
+    """Integers past 64 bits and lone surrogates (a device can send both in JSON) go out
+    through json, escaped, rather than losing the line."""
+    formatter = logs.MozlogFormatter("simplepush")
+    record = logging.LogRecord("simplepush", logging.INFO, __file__, 1, "t", None, None)
+    record.event_type = "websocket.test"
+    record.fields = {"version": 2**70, "uaid": "\ud800", "channels": 1}
+    line = formatter.format(record)
+    assert line.isascii() and "\\ud800" in line
+    assert json.loads(line)["Fields"] == {"version": 2**70, "uaid": "\ud800", "channels": 1}
+    record.fields = {"channels": 1}
+    assert json.loads(formatter.format(record))["Fields"] == {"channels": 1}
