@@ -3,8 +3,10 @@
 A node that stores an update for a device held elsewhere asks the holding
 node (named in the store's Holder record) to write it to the socket; a node
 that takes over a UAID asks the old holder to close its stale socket. Both
-go to the other node's internal listener over keep-alive HTTP, authenticated
-with a secret derived from the token key that every node shares.
+go to the other node's internal listener over HTTP, authenticated with a
+secret derived from the token key that every node shares, on one keep-alive
+connection per peer: the requests of one loop turn share a write and their
+answers come back in order (simplepush/pipeline.py).
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from simplepush.webpush import Message
 
 # A peer that does not answer within this is treated as gone (PROTOCOL.md 6.3).
 TIMEOUT = 3.0
+_CONTEXT = b"simplepush internal router v1"
 
 
 class LinkLost(HttpError):
     """The connection to a peer closed under a request (the peer restarted, or went away)."""
-_CONTEXT = b"simplepush internal router v1"
 
 
 def router_secrets(token_keys: list[str]) -> list[str]:
