@@ -624,6 +624,32 @@ async def test_a_released_uaid_is_no_longer_remembered(memcached_store, memcache
     assert update.delta == {"gets": 1, "sets": 1, "refused": 0}
 
 
+@pytest.mark.gen_test
+async def test_a_memcached_without_meta_commands_is_named_in_the_error():
+    """Before 1.6 memcached answers ERROR to every meta command: say what is needed."""
+
+    async def before_meta(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            if line.startswith(b"ms "):
+                await reader.readline()  # the value
+            writer.write(b"ERROR\r\n")
+
+    listener = await asyncio.start_server(before_meta, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    store = MemcachedStore([f"127.0.0.1:{port}"], timeout=2)
+    needed = r"memcached 127\.0\.0\.1:\d+: %s failed: ERROR, .* needs memcached 1\.6 or later"
+    try:
+        with pytest.raises(StoreError, match=needed % "check"):
+            await store.check()
+        fresh = Fresh(OLDER, False, None)
+        with pytest.raises(StoreError, match=needed % "register"):
+            await store.register(new_key(), new_key(), "chid", 200, fresh)
+    finally:
+        await store.close()
+        listener.close()
+        await listener.wait_closed()
+
+
 # --- memcached: record size ---------------------------------------------------
 
 

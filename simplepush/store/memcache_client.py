@@ -35,6 +35,8 @@ _VALUE, _LINE = 0, 1
 # Values up to this many bytes are written with meta sets (see swap); memcached's items
 # must be able to hold them (its -I, 1 MB by default, is far larger).
 META_SET_LIMIT = 64 * 1024
+# memcached's answer to a command it does not know; before 1.6 that is every meta command.
+UNKNOWN_COMMAND = "ERROR, a command memcached does not know: the store needs memcached 1.6 or later"
 PLACEMENT_CACHE = 65536
 _MAX_VALUE = 2 * 1024 * 1024
 
@@ -75,6 +77,8 @@ class _Connection(Pipelined):
             else:
                 line = bytes(buffer[:eol])
                 del buffer[: eol + 2]
+                if line == b"ERROR":
+                    raise MemcacheFailure(UNKNOWN_COMMAND)
                 if line.endswith(b"ERROR") or line.startswith((b"CLIENT_ERROR", b"SERVER_ERROR")):
                     raise MemcacheFailure(line.decode("ascii", "replace"))
                 result = (None, None) if pending[0][0] == _VALUE else line
@@ -175,7 +179,7 @@ class MemcacheClient:
         return await self._store(b"add", key, value, expire, None, server) == STORED
 
     async def swap(
-        self, key: str, value: bytes, expire: int, token: int | None
+        self, key: str, value: bytes, expire: int, token: int | None, server: _Server | None = None
     ) -> tuple[bool, int | None]:
         """Store only if unchanged since `token` (None: only if absent): whether it was stored
         (False: another writer got in first), and the new CAS token when memcached told it.
@@ -186,9 +190,10 @@ class MemcacheClient:
         large deletes the item it was to replace (1.6.18 does), so a value
         past META_SET_LIMIT goes as a classic cas or add, which keeps it.
         """
+        server = server or self.server_for(key)
         if len(value) > META_SET_LIMIT:
             verb = b"add" if token is None else b"cas"
-            return await self._store(verb, key, value, expire, token, None) == STORED, None
+            return await self._store(verb, key, value, expire, token, server) == STORED, None
         head = b"ms %s %d T%d c %s" % (
             key.encode(),
             len(value),
@@ -196,17 +201,12 @@ class MemcacheClient:
             b"ME" if token is None else b"C%d" % token,
         )
         command = b"%s\r\n%s\r\n" % (head, value)
-        reply: bytes = await self.server_for(key).call(command, _LINE)
+        reply: bytes = await server.call(command, _LINE)
         if reply.startswith(b"HD c"):
             return True, int(reply[4:])
         if reply[:2] in _LOST_RACE:
             return False, None
         raise MemcacheFailure(f"meta set answered {reply!r}")
-
-    async def set(self, key: str, value: bytes, expire: int, server: _Server | None = None) -> None:
-        reply = await self._store(b"set", key, value, expire, None, server)
-        if reply != STORED:
-            raise MemcacheFailure(f"set answered {reply!r}")
 
     async def delete(self, key: str) -> None:
         await self.server_for(key).call(b"delete %s\r\n" % key.encode(), _LINE)

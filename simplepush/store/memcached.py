@@ -484,13 +484,14 @@ class MemcachedStore(Store):
         return 0
 
     async def check(self) -> None:
-        """A real round trip to every server: set a short-lived random key and read it back."""
+        """A real round trip to every server: add a short-lived random key with a meta set,
+        as every change does, and read it back."""
         key = f"check:{os.urandom(8).hex()}"
         token = key.encode("ascii")
         for server in self._client.servers():
             try:
-                await self._client.set(key, token, 10, server)
-                if await self._client.get(key, server) != token:
+                stored, _written = await self._client.swap(key, token, 10, None, server)
+                if not stored or await self._client.get(key, server) != token:
                     raise StoreError(f"memcached {server.name}: check read back another value")
             except MemcacheFailure as exc:
                 raise StoreError(f"memcached {server.name}: check failed: {exc}") from None
