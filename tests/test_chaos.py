@@ -662,12 +662,13 @@ def test_sigterm_under_load_answers_every_put_and_closes_devices_with_1001(fleet
     in_flight = [s for s in sent if s.started <= signalled <= s.ended]
     unanswered = [s for s in sent if s.status is None and s.error != REFUSED]
     # Reset by the kernel when the listener closed, in the microseconds between the last
-    # accept() and close(): no process ever had it (see server.stop_accepting).
+    # accept() and close(): no process ever had it (see server.stop_accepting). Such a
+    # connection may have been made just before the signal, while the worker was busy.
     raced = [
         s
         for s in unanswered
         if s.error.startswith("ConnectionResetError")
-        and s.started > signalled
+        and s.started > signalled - RACE_WINDOW
         and s.ended - s.connected < RACE_WINDOW
     ]
     close_codes = [code for phone in crowd.phones for code in phone.closes]
