@@ -410,16 +410,7 @@ class PublicConnection(asyncio.Protocol):
         self._keep_alive = _keep_alive(start_line, headers)
         self._max_body = server.max_body_size
         self._body_size = 0
-        try:
-            delegate = self._delegate = server.door.request(start_line, headers, size, self)
-            delegate.headers_received(start_line, headers)
-        except HTTPInputError as exc:  # tornado.web's: no Host header, say
-            self._malformed(str(exc))
-            return
-        except Exception:
-            self._crash()
-            return
-        if self._closing:
+        if not self._step(self._begin, start_line, headers, size) or self._closing:
             return
         if not self._written and _header(headers, "Expect") == "100-continue":
             cast(asyncio.Transport, self._transport).write(_CONTINUE)
@@ -434,22 +425,29 @@ class PublicConnection(asyncio.Protocol):
         if self._body_size > self._max_body:
             self._malformed("body too large")
             return
-        try:
-            cast(HTTPMessageDelegate, self._delegate).data_received(chunk)
-        except HTTPInputError as exc:
-            self._malformed(str(exc))
-        except Exception:
-            self._crash()
+        self._step(cast(HTTPMessageDelegate, self._delegate).data_received, chunk)
 
     def _done(self) -> None:
         self._reading = False
         self._waiting = _IDLE
+        self._step(cast(HTTPMessageDelegate, self._delegate).finish)
+
+    def _begin(self, start_line: RequestStartLine, headers: HTTPHeaders, size: int) -> None:
+        delegate = self._delegate = self._server.door.request(start_line, headers, size, self)
+        delegate.headers_received(start_line, headers)
+
+    def _step(self, step: Callable[..., object], *args: Any) -> bool:
+        """One step of the request's delegate; False when it raised: an HTTPInputError
+        (tornado.web's: no Host header, say) answers 400, anything else 500."""
         try:
-            cast(HTTPMessageDelegate, self._delegate).finish()
+            step(*args)
         except HTTPInputError as exc:
             self._malformed(str(exc))
+            return False
         except Exception:
             self._crash()
+            return False
+        return True
 
     def _end(self) -> None:
         """The request was read and answered: on to the next one, or close."""

@@ -64,38 +64,41 @@ class InternalConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         """Every request that arrived whole, answered in order in one write (peers.py
         pipelines its requests on one connection)."""
+        transport = self._transport
+        if transport is None:
+            return
+        self._buffer += data
+        answers, close = self._answer_whole_requests()
+        if answers:
+            transport.write(b"".join(answers))
+        if close:
+            transport.close()
+
+    def _answer_whole_requests(self) -> tuple[list[bytes], bool]:
+        """The answers to the whole requests in the buffer, and whether to close after them."""
         buffer = self._buffer
-        buffer += data
         answers: list[bytes] = []
-        try:
-            while self._transport is not None:
-                end = buffer.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(buffer) > MAX_HEAD:
-                        self._refuse(answers, b"request head too large")
-                    return
-                request = _Request.parse(bytes(buffer[:end]))
-                if request is None:
-                    self._refuse(answers, b"malformed request")
-                    return
-                start = end + 4
-                if len(buffer) < start + request.length:
-                    return
-                body = bytes(buffer[start : start + request.length])
-                del buffer[: start + request.length]
-                status, reply = self._handle(request, body)
-                answers.append(
-                    b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d"
-                    b"\r\n\r\n%s" % (status, _REASONS[status], len(reply), reply)
-                )
-                if request.close:
-                    self._transport.write(b"".join(answers))
-                    answers.clear()
-                    self._transport.close()
-                    return
-        finally:
-            if answers and self._transport is not None:
-                self._transport.write(b"".join(answers))
+        while True:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > MAX_HEAD:
+                    return self._refused(answers, b"request head too large")
+                return answers, False
+            request = _Request.parse(bytes(buffer[:end]))
+            if request is None:
+                return self._refused(answers, b"malformed request")
+            start = end + 4
+            if len(buffer) < start + request.length:
+                return answers, False
+            body = bytes(buffer[start : start + request.length])
+            del buffer[: start + request.length]
+            status, reply = self._handle(request, body)
+            answers.append(
+                b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d"
+                b"\r\n\r\n%s" % (status, _REASONS[status], len(reply), reply)
+            )
+            if request.close:
+                return answers, True
 
     def _handle(self, request: _Request, body: bytes) -> tuple[int, bytes]:
         if not any(hmac.compare_digest(request.auth, secret) for secret in self._secrets):
@@ -143,14 +146,11 @@ class InternalConnection(asyncio.Protocol):
         export = self._node.stats.export(int(since), os.getpid())
         return 200, json.dumps(export, separators=(",", ":")).encode("ascii")
 
-    def _refuse(self, answers: list[bytes], reason: bytes) -> None:
+    def _refused(self, answers: list[bytes], reason: bytes) -> tuple[list[bytes], bool]:
         """The answers so far, then 400 and the end of the connection."""
         event(logging.WARNING, "router.bad_request", error=reason.decode())
-        if self._transport is not None:
-            answers.append(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
-            self._transport.write(b"".join(answers))
-            answers.clear()
-            self._transport.close()
+        answers.append(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        return answers, True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None

@@ -165,16 +165,23 @@ async def test_an_upgrade_behind_a_put_waits_for_the_put_s_answer(connect, dial_
 # --- the upgrade --------------------------------------------------------------------
 
 
-async def test_frames_sent_with_the_upgrade_request_go_to_the_device(dial_http, http_port):
-    """A hello and a ping message that did not wait for the 101 are answered after it."""
-    reader, writer = await dial_http()
+async def upgraded_with_frames(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, http_port: int
+) -> RawDevice:
+    """Send the upgrade request with a hello and a ping message behind it in one write;
+    the device once the 101 has come."""
     writer.write(
         upgrade_request(http_port, Sec_WebSocket_Key=RFC_KEY)
         + client_frame(TEXT, HELLO.encode())
         + client_frame(TEXT, b"{}")
     )
     assert await asyncio.wait_for(reader.readexactly(len(SWITCHING)), FRAME_TIMEOUT) == SWITCHING
-    device = RawDevice(reader, writer)
+    return RawDevice(reader, writer)
+
+
+async def test_frames_sent_with_the_upgrade_request_go_to_the_device(dial_http, http_port):
+    """A hello and a ping message that did not wait for the 101 are answered after it."""
+    device = await upgraded_with_frames(*await dial_http(), http_port)
     hello = await device.recv_json()
     assert hello == {"messageType": "hello", "uaid": hello["uaid"], "status": 200}
     assert await device.recv_frame() == (TEXT, b"{}")
@@ -329,13 +336,7 @@ async def test_over_tls_frames_sent_with_the_upgrade_go_to_the_device(tls, http_
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", http_port, ssl=tls, server_hostname="127.0.0.1"
     )
-    writer.write(
-        upgrade_request(http_port, Sec_WebSocket_Key=RFC_KEY)
-        + client_frame(TEXT, HELLO.encode())
-        + client_frame(TEXT, b"{}")
-    )
-    assert await asyncio.wait_for(reader.readexactly(len(SWITCHING)), FRAME_TIMEOUT) == SWITCHING
-    device = RawDevice(reader, writer)
+    device = await upgraded_with_frames(reader, writer, http_port)
     assert (await device.recv_json())["status"] == 200
     assert await device.recv_frame() == (TEXT, b"{}")
     writer.close()
