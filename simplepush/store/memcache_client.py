@@ -21,14 +21,8 @@ from pymemcache.client.rendezvous import RendezvousHash
 
 from simplepush.pipeline import Pipelined, Server
 
-# Replies that end a storage command (the rest of the line is not needed).
-STORED, NOT_STORED, EXISTS, NOT_FOUND, DELETED = (
-    b"STORED",
-    b"NOT_STORED",
-    b"EXISTS",
-    b"NOT_FOUND",
-    b"DELETED",
-)
+# The reply of a classic storage command that stored (anything else did not).
+STORED = b"STORED"
 # A meta set that did not store: the item changed (EX), vanished (NF) or exists (NS).
 _LOST_RACE = (b"EX", b"NF", b"NS")
 _VALUE, _LINE = 0, 1

@@ -216,10 +216,12 @@ class MemcachedStore(Store):
         attempt = 0
         remembered = self._recent.pop(uaid, None)
         while True:
+            # A remembered record serves one try at most; the next one reads.
+            guess, remembered = remembered, None
             if absent:
                 data, token, absent = None, None, False
-            elif remembered is not None:
-                data, token = remembered
+            elif guess is not None:
+                data, token = guess
             else:
                 data, token = await client.gets(key)
             now = time.time()
@@ -227,23 +229,21 @@ class MemcachedStore(Store):
             try:
                 new, result = change(record, now)
             except WrongUAID:
-                if remembered is None:
+                if guess is None:
                     raise
-                new = None
-            if new is None:
-                if remembered is None:
-                    return result
-                remembered = None  # the answer must come from memcached's own record
                 continue
+            if new is None:
+                if guess is None:
+                    return result
+                continue  # the answer must come from memcached's own record
             value, expire = _encode(new), self._expiry(new)
             stored, written = await client.swap(key, value, expire, token)
             if stored:
                 if written is not None:
                     self._remember(uaid, new, value, written)
                 return result
-            if remembered is not None:
-                remembered = None
-                continue
+            if guess is not None:
+                continue  # the memory was stale: no race lost, no pause
             attempt += 1
             if time.monotonic() >= deadline:
                 raise StoreError(
